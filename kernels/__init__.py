@@ -1,0 +1,69 @@
+"""Fused kernels and their plain-PyTorch references, behind one switch.
+
+Each kernel lives in its own file beside its reference (same maths, fp32 inside).
+The model never imports a kernel directly: it asks `get_ops(backend)` for a bundle of
+functions, so "triton" and "torch" are interchangeable everywhere else.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rope import apply_rope, apply_rope_reference
+from kernels.swiglu import swiglu, swiglu_reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = [
+    "BACKENDS", "get_ops", "resolve_backend", "triton_available",
+    "rms_norm", "apply_rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy",
+    "rms_norm_reference", "apply_rope_reference", "swiglu_reference",
+    "cross_entropy_reference", "fused_linear_cross_entropy_reference",
+]
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """'auto' means Triton on CUDA (when installed) and PyTorch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("kernels='triton' but triton is not installed; "
+                               "install it (Linux x86-64) or use kernels='torch'")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"kernels='triton' needs a CUDA device (got {device}); "
+                               "set TRITON_INTERPRET=1 to run the kernels on CPU, or use kernels='torch'")
+    return backend
+
+
+_TRITON = SimpleNamespace(rms_norm=rms_norm, apply_rope=apply_rope, swiglu=swiglu,
+                          cross_entropy=cross_entropy, fused_linear_cross_entropy=fused_linear_cross_entropy)
+_TORCH = SimpleNamespace(rms_norm=rms_norm_reference, apply_rope=apply_rope_reference,
+                         swiglu=swiglu_reference, cross_entropy=cross_entropy_reference,
+                         fused_linear_cross_entropy=fused_linear_cross_entropy_reference)
+
+
+def get_ops(backend: str) -> SimpleNamespace:
+    """The kernel bundle for a resolved backend ('triton' or 'torch')."""
+    if backend == "triton":
+        return _TRITON
+    if backend == "torch":
+        return _TORCH
+    raise ValueError(f"get_ops needs a resolved backend ('triton' or 'torch'), got {backend!r}")

@@ -1,0 +1,234 @@
+"""Weight import/export between our Llama and Hugging Face's LlamaForCausalLM layout.
+
+Our module fuses q/k/v into one projection and gate/up into another; HF keeps them apart.
+RoPE uses the same rotate_half layout on both sides, so no permutation is needed.
+Nothing here imports transformers: the HF directory is plain config.json + safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from model.config import Config
+from model.llama import Llama
+
+HF_ARCHITECTURE = "LlamaForCausalLM"
+
+
+# ---- config ---------------------------------------------------------------------------
+def config_to_hf(config: Config, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    return {
+        "architectures": [HF_ARCHITECTURE],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> Config:
+    """Our Config for an HF Llama config; anything we cannot represent is an error."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" and HF_ARCHITECTURE not in archs:
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} is not a "
+                         f"Llama model; only LlamaForCausalLM checkpoints can be imported")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in hf:
+            raise ValueError(f"{source}: missing field {key!r}")
+    unsupported = []
+    # transformers 4 writes rope_theta/rope_scaling; transformers 5 writes rope_parameters.
+    rope = hf.get("rope_parameters") or {}
+    rope_base = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling")
+    if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+        unsupported.append(f"RoPE scaling {rope or scaling!r} (only plain RoPE is supported)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        unsupported.append("attention_bias/mlp_bias")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']!r}")
+    n_head = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+        unsupported.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+    if unsupported:
+        raise ValueError(f"{source}: unsupported Llama variant: {', '.join(unsupported)}")
+    return Config(
+        name=hf.get("_name_or_path") and Path(str(hf["_name_or_path"])).name or "hf-import",
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_embd=hf["hidden_size"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        intermediate_size=hf["intermediate_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_base=rope_base,
+    )
+
+
+# ---- weights --------------------------------------------------------------------------
+def state_dict_to_hf(state: dict, config: Config) -> dict:
+    q_dim, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+    out = {"model.embed_tokens.weight": state["embed.weight"],
+           "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["lm_head.weight"]}
+    for i in range(config.n_layer):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = state[ours + "attn.qkv.weight"].split([q_dim, kv_dim, kv_dim], dim=0)
+        gate, up = state[ours + "mlp.gate_up.weight"].chunk(2, dim=0)
+        out.update({
+            hf + "input_layernorm.weight": state[ours + "attn_norm.weight"],
+            hf + "self_attn.q_proj.weight": q,
+            hf + "self_attn.k_proj.weight": k,
+            hf + "self_attn.v_proj.weight": v,
+            hf + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+            hf + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
+            hf + "mlp.gate_proj.weight": gate,
+            hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_dict_from_hf(hf: dict, config: Config, source: str = "HF checkpoint") -> dict:
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise ValueError(f"{source}: missing tensor {key!r}; is this a LlamaForCausalLM checkpoint?")
+        return hf[key]
+
+    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    # Tied checkpoints store no lm_head; our model is untied, so it gets its own copy.
+    state["lm_head.weight"] = hf["lm_head.weight"] if "lm_head.weight" in hf else state["embed.weight"].clone()
+    for i in range(config.n_layer):
+        ours, p = f"layers.{i}.", f"model.layers.{i}."
+        state[ours + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+        state[ours + "attn.qkv.weight"] = torch.cat(
+            [take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
+             take(p + "self_attn.v_proj.weight")], dim=0)
+        state[ours + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
+        state[ours + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        state[ours + "mlp.gate_up.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+        state[ours + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
+    return state
+
+
+def _read_hf_tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    single_st, index_st = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    single_bin, index_bin = directory / "pytorch_model.bin", directory / "pytorch_model.bin.index.json"
+    if single_st.is_file():
+        return load_file(str(single_st))
+    if index_st.is_file() or index_bin.is_file():
+        index = index_st if index_st.is_file() else index_bin
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{index} lists {name}, which is not in {directory}")
+            tensors.update(load_file(str(path)) if name.endswith(".safetensors")
+                           else torch.load(path, map_location="cpu", weights_only=True))
+        return tensors
+    if single_bin.is_file():
+        return torch.load(single_bin, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory}: no model.safetensors, pytorch_model.bin or their index files")
+
+
+def is_hf_checkpoint(directory: str | os.PathLike) -> bool:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        return False
+    try:
+        data = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError:
+        return False
+    return "architectures" in data or "model_type" in data
+
+
+def load_hf(directory: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
+            kernels: str = "auto") -> Llama:
+    """Our Llama with the weights of an HF Llama directory (config.json + safetensors/bin)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
+    config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    hf_state = _read_hf_tensors(directory)
+    state = state_dict_from_hf(hf_state, config, source=str(directory))
+    if config.vocab_size != state["embed.weight"].shape[0]:
+        raise ValueError(f"{config_path}: vocab_size {config.vocab_size} but embed_tokens has "
+                         f"{state['embed.weight'].shape[0]} rows")
+    return Llama.from_state_dict(config, state, device=device, dtype=dtype, kernels=kernels, source=str(directory))
+
+
+def save_hf(model: Llama, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+            bos_id: int = 1, eos_id: int = 2) -> Path:
+    """Write config.json, generation_config.json and model.safetensors in HF's layout."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    dtype = state["embed.weight"].dtype
+    hf_state = state_dict_to_hf(state, model.config)
+    tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
+    try:
+        save_file(hf_state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    (directory / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype, bos_id, eos_id), indent=2))
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": model.config.block_size}, indent=2))
+    return directory
+
+
+def save_hf_tokenizer(tokenizer_model: str | os.PathLike, directory: str | os.PathLike,
+                      chat_template: str | None = None) -> None:
+    """Copy a sentencepiece model and write the files transformers' LlamaTokenizer reads."""
+    import shutil
+
+    import sentencepiece as spm
+
+    tokenizer_model, directory = Path(tokenizer_model), Path(directory)
+    if not tokenizer_model.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_model} not found (pass a sentencepiece .model file)")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    shutil.copyfile(tokenizer_model, directory / "tokenizer.model")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+        "pad_token": piece(sp.pad_id()), "add_bos_token": True, "add_eos_token": False,
+        "legacy": False, "model_max_length": 1_000_000,
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))

@@ -1,0 +1,81 @@
+"""Convert between our consolidated checkpoint (Llama.save) and a Hugging Face Llama directory.
+
+    python scripts/convert_hf.py export --ckpt DIR --out HF_DIR [--tokenizer FILE] [--dtype bf16]
+    python scripts/convert_hf.py import --hf HF_DIR --out DIR [--dtype bf16]
+
+The exported directory loads with transformers.LlamaForCausalLM.from_pretrained (and
+AutoTokenizer when --tokenizer is given or the checkpoint has a tokenizer.model).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from model import Llama
+from model.hf import load_hf, save_hf, save_hf_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="our checkpoint -> HF directory")
+    exp.add_argument("--ckpt", required=True, type=Path, help="directory with config.json + model.safetensors")
+    exp.add_argument("--out", required=True, type=Path, help="HF directory to write")
+    exp.add_argument("--tokenizer", type=Path, help="sentencepiece .model to include "
+                     "(default: the checkpoint's tokenizer.model, if any)")
+    exp.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the saved dtype)")
+    imp = sub.add_parser("import", help="HF Llama directory -> our checkpoint")
+    imp.add_argument("--hf", required=True, type=Path, help="HF directory (config.json + safetensors or bin)")
+    imp.add_argument("--out", required=True, type=Path, help="directory to write our checkpoint to")
+    imp.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the stored dtype)")
+    return parser.parse_args(argv)
+
+
+def export(args: argparse.Namespace) -> None:
+    model = Llama.load(args.ckpt)
+    tokenizer = args.tokenizer or (args.ckpt / "tokenizer.model" if (args.ckpt / "tokenizer.model").is_file() else None)
+    bos, eos = 1, 2
+    if tokenizer is not None:
+        import sentencepiece as spm
+
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"--tokenizer {tokenizer} not found")
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        if sp.vocab_size() > model.config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but the model's "
+                             f"vocab_size is {model.config.vocab_size}")
+        bos, eos = sp.bos_id(), sp.eos_id()
+    save_hf(model, args.out, dtype=DTYPES.get(args.dtype), bos_id=bos, eos_id=eos)
+    if tokenizer is not None:
+        template_file = args.ckpt / "chat_template.jinja"
+        save_hf_tokenizer(tokenizer, args.out,
+                          chat_template=template_file.read_text() if template_file.is_file() else None)
+    print(f"exported {args.ckpt} -> {args.out} ({model.num_params():,} parameters)")
+
+
+def import_(args: argparse.Namespace) -> None:
+    model = load_hf(args.hf, dtype=DTYPES.get(args.dtype))
+    model.save(args.out)
+    if (args.hf / "tokenizer.model").is_file():
+        shutil.copyfile(args.hf / "tokenizer.model", args.out / "tokenizer.model")
+    print(f"imported {args.hf} -> {args.out} ({model.num_params():,} parameters)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        export(args) if args.command == "export" else import_(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Installs the five top-level packages of the project (model, kernels, data_prep,
+pretrain, finetune) so that `pip install -e .` is the whole install."""
+
+from setuptools import setup
+
+# Triton ships Linux x86-64 wheels only; elsewhere the PyTorch reference kernels run.
+triton_marker = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+
+setup(
+    name="tinyllama-spin",
+    version="0.1.0",
+    description="From-scratch TinyLlama-style pretraining (FSDP2, fused Triton kernels) and SPIN self-play fine-tuning",
+    python_requires=">=3.10",
+    packages=["model", "kernels", "data_prep", "pretrain", "finetune"],
+    install_requires=[
+        "torch>=2.5,<3",
+        "lightning>=2.4",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "zstandard>=0.22",
+        "pyarrow>=14",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "wandb>=0.17",
+        f"triton>=3.0; {triton_marker}",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # CUDA-only builds: the code runs without them and uses them when present.
+        "flash": ["flash-attn>=2.5"],
+        "xformers": ["xformers>=0.0.27"],
+        "liger": ["liger-kernel>=0.5"],
+        # transformers is used only by the tests and scripts/convert_hf.py's checks.
+        "test": ["pytest>=8", "transformers>=4.44"],
+    },
+)

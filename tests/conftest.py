@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads) and
+paths to the optional real Llama-2 tokenizer in ../shared/data."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+_WORDS = ("the model reads tokens and learns to predict the next one from context while the "
+          "optimizer updates weights def return import class self value list dict for in if else "
+          "print data shard train loss step batch rank gradient attention head layer norm").split()
+
+
+def synthetic_text(n_lines: int, seed: int = 0) -> list[str]:
+    """Deterministic English-and-code-like lines for corpora and tokenizer training."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        if i % 3 == 0:
+            lines.append(f"def f{i}(x):\n    return x + {rng.randint(0, 999)}  # {' '.join(words[:3])}")
+        else:
+            lines.append(" ".join(words).capitalize() + ".")
+    return lines
+
+
+def train_tiny_spm(out_dir: Path, vocab_size: int = 512) -> Path:
+    """A Llama-style (BPE, byte fallback, bos=1 eos=2 unk=0) sentencepiece model."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_text(2000)) + "\nÄÖÜ naïve café 日本語 ✓\n", encoding="utf-8")
+    prefix = out_dir / "tiny"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """Path to a 512-piece sentencepiece model trained for this test session."""
+    return train_tiny_spm(tmp_path_factory.mktemp("spm"))
