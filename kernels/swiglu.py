@@ -1,11 +1,100 @@
-"""SwiGLU activation: silu(gate) * up, in fp32 inside."""
+"""SwiGLU activation: silu(gate) * up, in fp32 inside.
+
+`swiglu_reference` is the plain-PyTorch definition; `swiglu` is the fused Triton version.
+gate and up are usually the two halves of one fused (..., 2*ffn) projection, so their rows
+are strided: the kernels take a row stride and read them in place (no copy). Only gate
+and up are saved for backward (they are views of the projection output, which autograd
+keeps anyway); silu is recomputed there instead of storing another activation.
+"""
 import torch
 import torch.nn.functional as F
+
+from kernels._triton_utils import check_float, check_launch, tl, triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, g_row_stride, u_row_stride, y_row_stride, n_cols,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dy_row_stride, g_row_stride, u_row_stride,
+                       out_row_stride, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    # silu'(g) = sig * (1 + g * (1 - sig))
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du = dy * silu
+    tl.store(dg_ptr + row * out_row_stride + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + row * out_row_stride + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (rows, n) with a unit column stride; a view for chunk()-ed projections."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _launch_config(n_rows: int, n_cols: int):
+    block = min(1024, triton.next_power_of_2(n_cols))
+    # Rows on grid axis 0 (up to 2^31 - 1 programs), column blocks on axis 1 (up to 65535).
+    return (n_rows, triton.cdiv(n_cols, block)), block, 4 if block >= 512 else 1
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        g2, u2 = _as_rows(gate), _as_rows(up)
+        n_rows, n_cols = g2.shape
+        y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+        grid, block, warps = _launch_config(n_rows, n_cols)
+        if y.numel():
+            _swiglu_fwd_kernel[grid](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n_cols,
+                                     BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        n_rows, n_cols = g2.shape
+        dy2 = _as_rows(dy)
+        dg = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
+        du = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
+        grid, block, warps = _launch_config(n_rows, n_cols)
+        if dg.numel():
+            _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0),
+                                     dg.stride(0), n_cols, BLOCK=block, num_warps=warps)
+        return dg.view(ctx.shape), du.view(ctx.shape)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError("Triton SwiGLU: being written (kernels issue)")
+    """silu(gate) * up for same-shaped gate/up (any leading shape); output in gate's dtype."""
+    check_launch("swiglu", gate, up)
+    check_float("swiglu", "gate", gate)
+    check_float("swiglu", "up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"kernels.swiglu: gate and up must have the same shape, got {tuple(gate.shape)} "
+                         f"and {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"kernels.swiglu: gate and up must have the same dtype, got {gate.dtype} and {up.dtype}")
+    return _SwiGLU.apply(gate, up)

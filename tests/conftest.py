@@ -2,6 +2,12 @@
 paths to the optional real Llama-2 tokenizer in ../shared/data."""
 from __future__ import annotations
 
+import os
+
+# Triton decides compiled vs interpreted kernels when `kernels` is first imported, and any
+# test module may import it first: run Triton kernels on the CPU interpreter for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import random
 from pathlib import Path
 

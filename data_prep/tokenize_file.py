@@ -1,0 +1,140 @@
+"""Tokenizes one input file into a flat token file: the unit of parallel work.
+
+Runs in a worker process of the pool (or anywhere: it is a plain function). For input
+number `index` it writes, inside the run's work directory,
+
+    input_{index:06d}.tok   the documents' tokens, each followed by EOS, raw little-endian
+                            ids in the shard dtype (no header);
+    input_{index:06d}.json  its counts: documents, tokens, text bytes, skipped by reason.
+
+Both are written under a temporary name and renamed when complete, the .json last: the
+.json existing is what "this input is tokenized" means to a resumed run.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import slimpajama, starcoder
+from data_prep.errors import INVALID_UTF8, BadInputReport
+
+READERS = {"slimpajama": slimpajama.read_documents, "starcoder": starcoder.read_documents}
+# Documents are encoded in batches (sentencepiece's batch call is much faster than one
+# call per document); a batch is flushed at this many documents or characters.
+_BATCH_DOCS = 256
+_BATCH_CHARS = 4 << 20
+
+_worker: dict = {}  # per-process state set by init_worker: the processor, the eos id, counters
+
+
+def init_worker(tokenizer, counters=None, watch_parent: bool = False) -> None:
+    """Pool initializer: build the sentencepiece processor once per process."""
+    _worker["processor"] = tokenizer.processor()
+    _worker["tokenizer"] = tokenizer
+    _worker["counters"] = counters
+    if watch_parent:
+        _exit_when_orphaned()
+
+
+def _exit_when_orphaned() -> None:
+    """A killed parent (kill -9) cannot stop its pool: leave instead of idling forever."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
+def token_path(work_dir: Path, index: int) -> Path:
+    return Path(work_dir) / f"input_{index:06d}.tok"
+
+
+def stats_path(work_dir: Path, index: int) -> Path:
+    return Path(work_dir) / f"input_{index:06d}.json"
+
+
+def tokenize_file(source: str, index: int, path: str, display: str, work_dir: str, skip_bad: bool) -> dict:
+    """Tokenize input `path` (shown as `display` in messages); return its counts."""
+    processor, tokenizer = _worker["processor"], _worker["tokenizer"]
+    report = BadInputReport(display, skip_bad)
+    out_path = token_path(Path(work_dir), index)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    docs = tokens = text_bytes = 0
+    try:
+        with open(tmp, "wb") as out:
+            texts: list[str] = []
+            chars = 0
+
+            def flush() -> None:
+                nonlocal docs, tokens, text_bytes, chars
+                ids = processor.encode(texts, out_type=int, add_bos=False, add_eos=True, num_threads=1)
+                n = sum(map(len, ids))
+                array = np.fromiter(itertools.chain.from_iterable(ids), dtype=tokenizer.dtype, count=n)
+                out.write(array.tobytes())
+                nbytes = sum(map(len, (t.encode("utf-8") for t in texts)))
+                docs, tokens, text_bytes = docs + len(texts), tokens + n, text_bytes + nbytes
+                _count_progress(nbytes, len(texts), n)
+                texts.clear()
+                chars = 0
+
+            for location, text in READERS[source](Path(path), report):
+                if not text or text.isspace():
+                    report.empty(location)
+                    continue
+                try:  # lone surrogates (from JSON \udXXX escapes) have no UTF-8 form
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    report.bad(location, INVALID_UTF8, f"character {e.start} is a lone surrogate, not text")
+                    continue
+                texts.append(text)
+                chars += len(text)
+                if len(texts) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+                    flush()
+            if texts:
+                flush()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stats = {"index": index, "input": display, "size": os.path.getsize(path), "documents": docs,
+             "tokens": tokens, "text_bytes": text_bytes, "skipped": dict(report.skipped),
+             "excluded": dict(report.excluded), "skipped_examples": report.examples}
+    write_json_atomic(stats_path(Path(work_dir), index), stats)
+    return stats
+
+
+def _count_progress(nbytes: int, ndocs: int, ntokens: int) -> None:
+    counters = _worker.get("counters")
+    if counters is not None:  # shared with the parent's progress bar
+        with counters.get_lock():
+            counters[0] += nbytes
+            counters[1] += ndocs
+            counters[2] += ntokens
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON under a temporary name, fsync, rename: readers see all of it or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,211 @@
+"""Chat data and the one chat template used by SFT, generation and SPIN.
+
+Data: UltraChat-200k as users have it on disk, `.jsonl` or `.parquet`, rows
+`{"prompt": ..., "prompt_id": ..., "messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...]}`.
+By default the first user turn and the assistant answer that follows it are used.
+
+Template: small sentencepiece tokenizers have no chat special tokens, and text such as
+"</s>" is not parsed back into EOS, so the template is applied to token ids, not text:
+
+    prompt_ids   = [BOS] + enc(user_header) + enc(prompt) + enc(assistant_header)
+    response_ids = enc(response) + [EOS]
+    training row = prompt_ids + response_ids, labels = -100 on prompt_ids and padding
+
+Each piece is encoded on its own, so the prompt/response boundary is exact by construction
+and generation starts from exactly the same `prompt_ids` that SFT and SPIN trained after.
+The template (header strings) is saved beside every checkpoint as chat_template.json, with
+an equivalent Jinja string in chat_template.jinja for the HF export (scripts/convert_hf.py).
+HF's tokenizer applied to the rendered Jinja text gives nearly, not always exactly, the
+same ids (it encodes the whole string at once); our ids come from this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from finetune.tokenizer import Tokenizer
+
+TEMPLATE_FILE = "chat_template.json"
+JINJA_FILE = "chat_template.jinja"
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    user_header: str = "<|user|>\n"
+    assistant_header: str = "\n<|assistant|>\n"
+
+    def jinja(self) -> str:
+        """The same layout as a transformers chat template (first-turn-per-message rendering)."""
+        u, a = json.dumps(self.user_header), json.dumps(self.assistant_header)
+        return ("{{ bos_token }}{% for message in messages %}"
+                "{% if message['role'] == 'user' %}{{ " + u + " + message['content'] + " + a + " }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+                "{% endfor %}")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / TEMPLATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        _atomic_write(directory / JINJA_FILE, self.jinja())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ChatTemplate":
+        """The checkpoint's template, or the default one for a checkpoint that has none (pretrained)."""
+        path = Path(directory) / TEMPLATE_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}: expected {{\"user_header\": ..., \"assistant_header\": ...}} ({e})") from e
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- reading chat data -------------------------------------------------------------------
+@dataclass
+class ChatExample:
+    index: int          # row number in the data file: the key used for resume and de-duplication
+    prompt_id: str
+    prompt: str
+    response: str
+
+
+def _read_rows(path: Path):
+    """Yield (row number, dict) from a .jsonl or .parquet file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"chat data {path} not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = {"messages"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {table.column_names}")
+        for i, row in enumerate(table.to_pylist()):
+            yield i + 1, row
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from e
+    else:
+        raise ValueError(f"{path}: unsupported chat data format {path.suffix!r}; use .jsonl or .parquet "
+                         f"with rows {{prompt, prompt_id, messages: [{{role, content}}, ...]}}")
+
+
+def read_chat(path: str | os.PathLike, limit: int | None = None) -> list[ChatExample]:
+    """The first user turn and its assistant answer of each row (up to `limit` rows)."""
+    path = Path(path)
+    examples: list[ChatExample] = []
+    for line, row in _read_rows(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{path}:{line}" if path.suffix != ".parquet" else f"{path} row {line}"
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+        user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
+        if user is None:
+            raise ValueError(f"{where}: 'messages' has no turn with role 'user'")
+        if user + 1 >= len(messages) or not isinstance(messages[user + 1], dict) \
+                or messages[user + 1].get("role") != "assistant":
+            raise ValueError(f"{where}: the first user turn (messages[{user}]) must be followed by an "
+                             f"'assistant' turn")
+        prompt, response = messages[user].get("content"), messages[user + 1].get("content")
+        for name, value in ((f"messages[{user}].content", prompt), (f"messages[{user + 1}].content", response)):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: field {name} must be a string, got {type(value).__name__}")
+        prompt_id = row.get("prompt_id")
+        examples.append(ChatExample(index=len(examples), prompt_id=str(prompt_id if prompt_id is not None else line),
+                                    prompt=prompt, response=response))
+    if not examples:
+        raise ValueError(f"{path}: no chat rows found")
+    return examples
+
+
+# ---- tokenisation ------------------------------------------------------------------------
+@dataclass
+class TruncationStats:
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ChatEncoder:
+    """Turns prompts/answers into ids with one template; counts truncations."""
+    tokenizer: Tokenizer
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+    stats: TruncationStats = field(default_factory=TruncationStats)
+
+    def __post_init__(self):
+        self._head = [self.tokenizer.bos_id] + self.tokenizer.encode(self.template.user_header)
+        self._tail = self.tokenizer.encode(self.template.assistant_header)
+
+    def _prompt_from_body(self, body: list[int], room: int) -> list[int]:
+        # A long prompt keeps its end: in chat data the question is usually last.
+        if len(body) > room:
+            self.stats.prompts_truncated += 1
+            body = body[len(body) - room:]
+        return self._head + body + self._tail
+
+    @property
+    def template_len(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    def prompt_ids(self, prompt: str, max_len: int) -> list[int]:
+        """The ids generation starts from (at most max_len of them)."""
+        room = max_len - self.template_len
+        if room < 1:
+            raise ValueError(f"max length {max_len} leaves no room for a prompt after the template's "
+                             f"{self.template_len} header tokens")
+        return self._prompt_from_body(self.tokenizer.encode(prompt), room)
+
+    def response_ids(self, response: str) -> list[int]:
+        return self.tokenizer.encode(response) + [self.tokenizer.eos_id]
+
+    def fit_response(self, prompt_ids: list[int], response_ids: list[int], max_len: int) -> list[int]:
+        """Cut a response so prompt + response fit max_len (SPIN: the prompt is fixed by generation)."""
+        room = max_len - len(prompt_ids)
+        if len(response_ids) > room:
+            self.stats.responses_truncated += 1
+            response_ids = response_ids[:max(room, 0)]
+        return response_ids
+
+    def encode_example(self, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+        """(prompt_ids, response_ids) within max_len: the prompt's start is cut first (keeping the
+        template head and tail and at least one prompt token), then the response's end."""
+        body, response_ids = self.tokenizer.encode(prompt), self.response_ids(response)
+        if max_len - self.template_len < 1:
+            raise ValueError(f"max length {max_len} leaves no room after the template's "
+                             f"{self.template_len} header tokens")
+        room = max(max_len - self.template_len - len(response_ids), min(len(body), 1))
+        prompt_ids = self._prompt_from_body(body, room)
+        return prompt_ids, self.fit_response(prompt_ids, response_ids, max_len)
+
+
+def sft_row(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one training row: labels are the next token, -100 on the prompt."""
+    ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids + [IGNORE_INDEX]
+    return ids, labels[:len(ids)]
+
+
+def pad_right(rows: list[list[int]], value: int) -> list[list[int]]:
+    width = max(len(r) for r in rows)
+    return [r + [value] * (width - len(r)) for r in rows]

@@ -1,0 +1,32 @@
+"""Loading a starting checkpoint (weights + tokenizer + chat template) and saving a finetuned one.
+
+A finetuned checkpoint directory is self-contained: config.json + model.safetensors (our
+consolidated format), tokenizer.model, chat_template.json and chat_template.jinja.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.chat import ChatTemplate
+from finetune.runtime import load_model_from_any, save_consolidated
+from finetune.tokenizer import Tokenizer, load_tokenizer
+
+
+def load_start(ckpt, tokenizer=None, kernels: str = "auto"):
+    """(model on CPU, Tokenizer, ChatTemplate) for --ckpt (our format, training ckpt or HF dir)."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    model = load_model_from_any(ckpt, kernels=kernels)
+    tok = load_tokenizer(ckpt, tokenizer, model_vocab_size=model.config.vocab_size)
+    return model, tok, ChatTemplate.load(ckpt)
+
+
+def save_finetuned(fabric, model, directory, tok: Tokenizer, template: ChatTemplate) -> Path:
+    """Consolidated weights + tokenizer (collective: every rank calls it), then the template."""
+    directory = Path(directory)
+    save_consolidated(fabric, model, directory, tokenizer=tok.path)
+    if fabric.global_rank == 0:
+        template.save(directory)
+    fabric.barrier()
+    return directory
