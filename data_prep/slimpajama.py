@@ -47,7 +47,7 @@ def read_documents(path: Path, report: BadInputReport) -> Iterator[tuple[str, st
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            report.bad(location, MALFORMED_JSON, f"{e.msg} at column {e.colno}")
+            report.bad(location, MALFORMED_JSON, f"{e.msg} (column {e.colno})")
             continue
         if not isinstance(obj, dict):
             report.bad(location, MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}")

@@ -26,9 +26,9 @@ from data_prep.errors import INVALID_UTF8, BadInputReport
 
 READERS = {"slimpajama": slimpajama.read_documents, "starcoder": starcoder.read_documents}
 # Documents are encoded in batches (sentencepiece's batch call is much faster than one
-# call per document); a batch is flushed at this many documents or characters.
+# call per document); a batch is flushed at this many documents or UTF-8 bytes.
 _BATCH_DOCS = 256
-_BATCH_CHARS = 4 << 20
+_BATCH_BYTES = 4 << 20
 
 _worker: dict = {}  # per-process state set by init_worker: the processor, the eos id, counters
 
@@ -73,32 +73,31 @@ def tokenize_file(source: str, index: int, path: str, display: str, work_dir: st
     try:
         with open(tmp, "wb") as out:
             texts: list[str] = []
-            chars = 0
+            batch_bytes = 0
 
             def flush() -> None:
-                nonlocal docs, tokens, text_bytes, chars
+                nonlocal docs, tokens, text_bytes, batch_bytes
                 ids = processor.encode(texts, out_type=int, add_bos=False, add_eos=True, num_threads=1)
                 n = sum(map(len, ids))
                 array = np.fromiter(itertools.chain.from_iterable(ids), dtype=tokenizer.dtype, count=n)
                 out.write(array.tobytes())
-                nbytes = sum(map(len, (t.encode("utf-8") for t in texts)))
-                docs, tokens, text_bytes = docs + len(texts), tokens + n, text_bytes + nbytes
-                _count_progress(nbytes, len(texts), n)
+                docs, tokens, text_bytes = docs + len(texts), tokens + n, text_bytes + batch_bytes
+                _count_progress(batch_bytes, len(texts), n)
                 texts.clear()
-                chars = 0
+                batch_bytes = 0
 
             for location, text in READERS[source](Path(path), report):
                 if not text or text.isspace():
                     report.empty(location)
                     continue
                 try:  # lone surrogates (from JSON \udXXX escapes) have no UTF-8 form
-                    text.encode("utf-8")
+                    size = len(text.encode("utf-8"))
                 except UnicodeEncodeError as e:
                     report.bad(location, INVALID_UTF8, f"character {e.start} is a lone surrogate, not text")
                     continue
                 texts.append(text)
-                chars += len(text)
-                if len(texts) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+                batch_bytes += size
+                if len(texts) >= _BATCH_DOCS or batch_bytes >= _BATCH_BYTES:
                     flush()
             if texts:
                 flush()
@@ -115,13 +114,21 @@ def tokenize_file(source: str, index: int, path: str, display: str, work_dir: st
     return stats
 
 
+class Aborted(Exception):
+    """The parent stopped the run (another input failed, or Ctrl-C)."""
+
+
 def _count_progress(nbytes: int, ndocs: int, ntokens: int) -> None:
     counters = _worker.get("counters")
-    if counters is not None:  # shared with the parent's progress bar
-        with counters.get_lock():
-            counters[0] += nbytes
-            counters[1] += ndocs
-            counters[2] += ntokens
+    if counters is None:
+        return
+    with counters.get_lock():  # shared with the parent's progress bar
+        counters[0] += nbytes
+        counters[1] += ndocs
+        counters[2] += ntokens
+        abort = counters[3]
+    if abort:
+        raise Aborted("stopped by the parent process")
 
 
 def write_json_atomic(path: Path, obj) -> None:

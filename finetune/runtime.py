@@ -15,9 +15,14 @@ from pathlib import Path
 USING_FALLBACK: list[str] = []
 
 try:
-    from pretrain.parallel import build_fabric, setup_model
+    from pretrain.parallel import build_fabric, clip_grad_norm, setup_model
 except ImportError:
     USING_FALLBACK.append("pretrain.parallel")
+
+    def clip_grad_norm(model, max_norm):
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None,
                      activation_checkpointing=False, compile=False):
@@ -62,9 +67,17 @@ except ImportError:
 
     def save_consolidated(fabric, model, directory, tokenizer=None, extra_files=None):
         """Stand-in: rank 0 writes Llama.save format (+ tokenizer.model, extra files)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from model import Llama
+
+        inner = _unwrap(model)
+        # Collective under FSDP2: every rank takes part in gathering the full (unsharded) weights.
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if fabric.global_rank == 0:
             directory = Path(directory)
-            _unwrap(model).save(directory)
+            full = Llama.from_state_dict(inner.config, state, kernels=inner.kernels)
+            full.save(directory)
             if tokenizer is not None:
                 tmp = directory / f".tokenizer.model.tmp-{os.getpid()}"
                 shutil.copyfile(tokenizer, tmp)

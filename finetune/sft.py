@@ -24,7 +24,7 @@ from tqdm import tqdm
 from finetune.batching import check_batch_sizes, epoch_batches, lr_at, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
-from finetune.runtime import MetricsLogger, build_fabric, setup_model
+from finetune.runtime import MetricsLogger, build_fabric, clip_grad_norm, setup_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> Path:
                 fabric.backward(scaled)
                 loss_sum += loss.item() * n
                 tokens_seen += int(ids.numel())
-            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip) \
+            grad_norm = clip_grad_norm(model, args.grad_clip) \
                 if args.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

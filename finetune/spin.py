@@ -53,7 +53,7 @@ from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_r
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_resumable
 from finetune.losses import sequence_logps, spin_loss
-from finetune.runtime import MetricsLogger, build_fabric, load_model_from_any, setup_model
+from finetune.runtime import MetricsLogger, build_fabric, clip_grad_norm, load_model_from_any, setup_model
 
 __all__ = ["spin_loss", "main"]
 
@@ -163,7 +163,9 @@ class SpinRun:
         self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
                                     wandb_mode=args.wandb_mode, run_config=vars(args) | {"stage": "spin"})
         self.global_step = 0
-        self.gen_dtype = torch.bfloat16 if str(args.precision or "").startswith("bf16") else None
+        # Generation/reference run in the training precision's compute dtype (bf16 on GPUs by default).
+        precision = getattr(self.fabric, "train_precision", None) or args.precision or ""
+        self.gen_dtype = torch.bfloat16 if str(precision).startswith("bf16") else None
 
     # θt: --ckpt for t = 0, else our own iter{t}
     def model_dir(self, t: int) -> Path:
@@ -333,7 +335,7 @@ class SpinRun:
                     fabric.backward(loss * len(micro) / batch * self.world)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v * len(micro)
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip) \
+                grad_norm = clip_grad_norm(model, args.grad_clip) \
                     if args.grad_clip > 0 else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

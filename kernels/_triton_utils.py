@@ -64,9 +64,9 @@ def num_warps_for(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def num_programs(rows: int, device: torch.device) -> int:
-    """Programs for a persistent row loop: a few per SM on CUDA; few under the slow interpreter."""
+def num_programs(work_items: int, device: torch.device) -> int:
+    """Programs for a persistent loop over work items: a few per SM on CUDA, few on the interpreter."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
-    return max(1, min(rows, 4))
+        return max(1, min(work_items, 4 * sms))
+    return max(1, min(work_items, 4))

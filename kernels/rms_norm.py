@@ -1,9 +1,10 @@
 """RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32.
 
 `rms_norm_reference` is the plain-PyTorch definition; `rms_norm` is the fused Triton version
-(one program per row, the whole row in registers: BLOCK = next_pow2(d)). Forward saves x,
-weight and the fp32 1/rms per row; backward recomputes x_hat and produces dx in one pass,
-with dweight summed in fp32 from per-program partials.
+(the whole row in registers, BLOCK_N = next_pow2(d); one row per program at d = 2048, a
+few rows per program for small d). Forward saves x, weight and the fp32 1/rms per row;
+backward recomputes x_hat and produces dx in one pass, with dweight summed in fp32 from
+per-program partials.
 """
 import torch
 
@@ -17,49 +18,54 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stride, n_cols, eps,
-                         BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * y_row_stride + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stride, n_rows, n_cols, eps,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
                          dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
-                         BLOCK: tl.constexpr):
-    # A persistent program walks a contiguous range of rows and keeps its share of
-    # dweight = sum_rows dy * x_hat in fp32 registers; the host sums the partials.
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A persistent program walks a contiguous range of rows, BLOCK_M at a time, and keeps its
+    # share of dweight = sum_rows dy * x_hat in fp32 registers; the host sums the partials.
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    # Walk the rows by advancing 64-bit pointers (row * stride can exceed int32 on big batches).
-    x_ptr += row_start * x_row_stride
-    dy_ptr += row_start * dy_row_stride
-    dx_ptr += row_start * dx_row_stride
-    for row in range(row_start, row_end):
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_hat = x * rstd
-        dyw = dy * w
-        # d/dx of x * rstd(x): rstd * (dyw - x_hat * mean(dyw * x_hat))
-        dx = rstd * (dyw - x_hat * (tl.sum(dyw * x_hat, axis=0) / n_cols))
-        tl.store(dx_ptr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * x_hat
-        x_ptr += x_row_stride
-        dy_ptr += dy_row_stride
-        dx_ptr += dx_row_stride
-    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        dyw = dy * w[None, :]
+        # d/dx of x * rstd(x): rstd * (dyw - x_hat * mean(dyw * x_hat)), per row
+        dx = rstd[:, None] * (dyw - x_hat * (tl.sum(dyw * x_hat, axis=1) / n_cols)[:, None])
+        tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * x_hat, axis=0)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_mask)
+
+
+def _blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N = next_pow2(d), warps): one row per program at d=2048, more for small d."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 2048 // block_n))
+    return block_m, block_n, num_warps_for(block_m * block_n)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -77,10 +83,11 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n_cols)
+        block_m, block_n, warps = _blocks(n_cols)
         if n_rows:
-            _rms_norm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                            BLOCK=block, num_warps=num_warps_for(block))
+            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+                x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -91,14 +98,16 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         dy2 = _as_rows(dy)
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        programs = num_programs(n_rows, x2.device)
+        block_m, block_n, warps = _blocks(n_cols)
+        row_blocks = triton.cdiv(n_rows, block_m)
+        programs = num_programs(row_blocks, x2.device)
+        # Each program's row range is whole BLOCK_M blocks, so blocks never straddle programs.
+        rows_per_program = triton.cdiv(row_blocks, programs) * block_m
         dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(n_cols)
         if n_rows:
             _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_partial,
                                               dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-                                              triton.cdiv(n_rows, programs),
-                                              BLOCK=block, num_warps=num_warps_for(block))
+                                              rows_per_program, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         dw = dw_partial.sum(0).to(weight.dtype)
         return dx.view(ctx.shape), dw, None
 

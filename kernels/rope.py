@@ -1,9 +1,10 @@
 """Rotary position embedding in the HF rotate_half layout, for q and k of (B, T, H, D).
 
 `apply_rope_reference` is the plain-PyTorch definition; `apply_rope` is the fused Triton
-version: one program per token rotates all query heads and all key heads (GQA: different
-head counts), reading cos/sin for that token once. q and k may be strided views of one
-fused qkv projection; they are read in place through their strides.
+version: one program rotates all query and key heads (GQA: different head counts) of a
+few tokens (one at TinyLlama's 32 x 64 heads), reading each token's cos/sin once. q and k
+may be strided views of one fused qkv projection; they are read in place through their
+strides.
 
 Outputs are new tensors rather than in-place writes into q/k: q and k are outputs of
 `split` (multi-output views), which autograd forbids modifying in place, and the qkv buffer
@@ -31,48 +32,52 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 
 
 @triton.jit
-def _rotate_heads(x_ptr, y_ptr, x_stride_h, y_stride_h, n_heads, c1, c2, s1, s2, half, cols, col_mask,
-                  BLOCK_H: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate the (n_heads, 2*half) block of one token; x_ptr/y_ptr point at its head 0."""
+def _rotate_heads(x_ptr, y_ptr, x_tok, y_tok, x_stride_h, y_stride_h, n_heads, c1, c2, s1, s2, half, cols,
+                  tok_mask, col_mask, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate a (tokens, heads, 2*half) tile; x_tok/y_tok are the tokens' offsets, c*/s* (tokens, half)."""
     heads = tl.arange(0, BLOCK_H)
-    mask = (heads[:, None] < n_heads) & col_mask[None, :]
-    x_off = heads[:, None] * x_stride_h + cols[None, :]
-    y_off = heads[:, None] * y_stride_h + cols[None, :]
+    mask = tok_mask[:, None, None] & (heads[None, :, None] < n_heads) & col_mask[None, None, :]
+    x_off = x_tok[:, None, None] + heads[None, :, None] * x_stride_h + cols[None, None, :]
+    y_off = y_tok[:, None, None] + heads[None, :, None] * y_stride_h + cols[None, None, :]
     x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_off + half, mask=mask, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :]
     if INVERSE:
         # Transpose of the forward rotation: the gradient w.r.t. the input.
-        y1 = x1 * c1[None, :] + x2 * s2[None, :]
-        y2 = x2 * c2[None, :] - x1 * s1[None, :]
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
     else:
         # y = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
-        y1 = x1 * c1[None, :] - x2 * s1[None, :]
-        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
     tl.store(y_ptr + y_off, y1.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(y_ptr + y_off + half, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len,
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, n_tokens, seq_len,
                  q_sb, q_st, q_sh, k_sb, k_st, k_sh, qo_sb, qo_st, qo_sh, ko_sb, ko_st, ko_sh,
                  cs_sb, cs_st, n_q_heads, n_k_heads, half,
-                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 INVERSE: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    t = pid % seq_len
+                 BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr):
+    # A program rotates BLOCK_T consecutive tokens (flattened b * T + t), all heads of q and k.
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_mask = tok < n_tokens
+    b = tok // seq_len
+    t = tok % seq_len
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < half
     # Both halves of cos/sin are read: HF tables repeat them, but the maths must not rely on it.
-    cs = b * cs_sb + t * cs_st + cols
-    c1 = tl.load(cos_ptr + cs, mask=col_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + cs + half, mask=col_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + cs, mask=col_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + cs + half, mask=col_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + b * q_sb + t * q_st, qo_ptr + b * qo_sb + t * qo_st, q_sh, qo_sh, n_q_heads,
-                  c1, c2, s1, s2, half, cols, col_mask, BLOCK_HQ, INVERSE)
-    _rotate_heads(k_ptr + b * k_sb + t * k_st, ko_ptr + b * ko_sb + t * ko_st, k_sh, ko_sh, n_k_heads,
-                  c1, c2, s1, s2, half, cols, col_mask, BLOCK_HK, INVERSE)
+    cs = (b * cs_sb + t * cs_st)[:, None] + cols[None, :]
+    cs_mask = tok_mask[:, None] & col_mask[None, :]
+    c1 = tl.load(cos_ptr + cs, mask=cs_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + cs, mask=cs_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, qo_ptr, b * q_sb + t * q_st, b * qo_sb + t * qo_st, q_sh, qo_sh, n_q_heads,
+                  c1, c2, s1, s2, half, cols, tok_mask, col_mask, BLOCK_HQ, INVERSE)
+    _rotate_heads(k_ptr, ko_ptr, b * k_sb + t * k_st, b * ko_sb + t * ko_st, k_sh, ko_sh, n_k_heads,
+                  c1, c2, s1, s2, half, cols, tok_mask, col_mask, BLOCK_HK, INVERSE)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -89,12 +94,17 @@ def _launch(q, k, cos, sin, inverse: bool):
     cs_sb = cos.stride(0) if cos.dim() == 3 else 0  # (T, D) tables broadcast over the batch
     block_hq, block_hk = triton.next_power_of_2(n_q), triton.next_power_of_2(max(n_k, 1))
     block_half = triton.next_power_of_2(D // 2)
-    if B * T:
-        _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T,
-                               *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
-                               cs_sb, cos.stride(-2), n_q, n_k, D // 2,
-                               BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, INVERSE=inverse,
-                               num_warps=4 if block_hq * block_half >= 1024 else 1)
+    # ~2048 query elements per program: one token at TinyLlama's 32 heads x 32, many for small models.
+    tile = block_hq * block_half
+    block_t = max(1, min(64, 2048 // tile))
+    n_tokens = B * T
+    if n_tokens:
+        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
+            q, k, q_out, k_out, cos, sin, n_tokens, T,
+            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+            cs_sb, cos.stride(-2), n_q, n_k, D // 2,
+            BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, INVERSE=inverse,
+            num_warps=4 if block_t * tile >= 1024 else 1)
     return q_out, k_out
 
 

@@ -9,7 +9,7 @@ keeps anyway); silu is recomputed there instead of storing another activation.
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_utils import check_float, check_launch, tl, triton
+from kernels._triton_utils import check_float, check_launch, num_warps_for, tl, triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -17,33 +17,38 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, g_row_stride, u_row_stride, y_row_stride, n_cols,
-                       BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+def _tile(row_block, col_block, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row indices (int64), column indices and mask of this program's (BLOCK_M, BLOCK_N) tile."""
+    rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, g_row_stride, u_row_stride, y_row_stride, n_rows, n_cols,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + rows * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
-    tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dy_row_stride, g_row_stride, u_row_stride,
-                       out_row_stride, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                       out_row_stride, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dy = tl.load(dy_ptr + rows * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     # silu'(g) = sig * (1 + g * (1 - sig))
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
     du = dy * silu
-    tl.store(dg_ptr + row * out_row_stride + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + row * out_row_stride + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + rows * out_row_stride + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + rows * out_row_stride + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -54,9 +59,11 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_config(n_rows: int, n_cols: int):
-    block = min(1024, triton.next_power_of_2(n_cols))
-    # Rows on grid axis 0 (up to 2^31 - 1 programs), column blocks on axis 1 (up to 65535).
-    return (n_rows, triton.cdiv(n_cols, block)), block, 4 if block >= 512 else 1
+    """Tiles of ~4096 elements: (4 rows x 1024 cols) at ffn 5632, more rows for narrow inputs."""
+    block_n = min(1024, triton.next_power_of_2(n_cols))
+    block_m = max(1, min(16, 4096 // block_n))
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))  # axis 1 is <= 65535
+    return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -65,10 +72,9 @@ class _SwiGLU(torch.autograd.Function):
         g2, u2 = _as_rows(gate), _as_rows(up)
         n_rows, n_cols = g2.shape
         y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-        grid, block, warps = _launch_config(n_rows, n_cols)
+        grid, meta = _launch_config(n_rows, n_cols)
         if y.numel():
-            _swiglu_fwd_kernel[grid](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n_cols,
-                                     BLOCK=block, num_warps=warps)
+            _swiglu_fwd_kernel[grid](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n_rows, n_cols, **meta)
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
         return y.view(gate.shape)
@@ -80,10 +86,10 @@ class _SwiGLU(torch.autograd.Function):
         dy2 = _as_rows(dy)
         dg = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
         du = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
-        grid, block, warps = _launch_config(n_rows, n_cols)
+        grid, meta = _launch_config(n_rows, n_cols)
         if dg.numel():
             _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                     dg.stride(0), n_cols, BLOCK=block, num_warps=warps)
+                                     dg.stride(0), n_rows, n_cols, **meta)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 

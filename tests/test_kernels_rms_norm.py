@@ -21,7 +21,7 @@ def _run(fn, x, w, eps, dy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 5, 64), (37, 123)])
+@pytest.mark.parametrize("shape", [(3, 50, 40), (37, 123)])  # 150 rows: 3 row blocks per backward program
 def test_rms_norm_matches_reference(shape, dtype):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3).to(dtype)

@@ -35,6 +35,7 @@ def _run(fn, qkv, n_q, n_k, cos, sin, dq, dk):
     (2, 5, 4, 2, 16, False),   # training: one (T, D) table for the batch
     (1, 7, 3, 1, 10, False),   # odd: 3 query heads, half dim 5 (not a power of two)
     (3, 4, 4, 2, 8, True),     # generation: per-row positions, (B, T, D) tables
+    (1, 3, 32, 4, 64, False),  # TinyLlama heads: 2 tokens per program, a ragged last program
 ])
 def test_rope_matches_reference(B, T, n_q, n_k, D, per_row, dtype):
     torch.manual_seed(0)

@@ -1,0 +1,242 @@
+"""The whole system, end to end, small enough for a laptop CPU (and on the GPU when there is one).
+
+    python scripts/quickstart.py [--out quickstart_out] [--tokenizer FILE] [--size default|smoke]
+
+Every stage runs the project's own command-line scripts, exactly as a user would on a
+cluster, on real data that every machine with Python has:
+
+  1. corpus     scripts/make_local_corpus.py: stdlib docstrings + pydoc topics as SlimPajama
+                jsonl.zst, stdlib source as StarCoder parquet, docstring Q&A as UltraChat jsonl
+  2. tokenizer  data_prep/train_tokenizer.py (skipped when --tokenizer is given)
+  3. tokenize   data_prep/tokenize_slimpajama.py and tokenize_starcoder.py, train + validation
+  4. pretrain   fabric run pretrain/tinyllama.py on the 7:3 mixture
+  5. finetune   finetune/sft.py, then finetune/spin.py (2 iterations)
+  6. export     scripts/convert_hf.py export, scripts/plot_metrics.py, and a summary
+
+A stage whose output is complete is not run again, so an interrupted quickstart continues
+where it stopped; --fresh starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big each stage is. 'default' is the README's ~10-minute run on 2 CPU cores;
+    'smoke' is the CI test's seconds-to-minutes run of the very same pipeline."""
+    corpus_mb: float
+    vocab_size: int
+    model: str
+    block_size: int
+    pretrain_steps: int
+    global_batch: int
+    micro_batch: int
+    sft_steps: int
+    spin_prompts: int
+    spin_iterations: int
+    max_new_tokens: int
+    chat_pairs: int
+
+
+SIZES = {
+    "default": Size(corpus_mb=4.0, vocab_size=4096, model="nano", block_size=256, pretrain_steps=300,
+                    global_batch=16, micro_batch=8, sft_steps=150, spin_prompts=64, spin_iterations=2,
+                    max_new_tokens=48, chat_pairs=1500),
+    "smoke": Size(corpus_mb=0.3, vocab_size=512, model="tiny", block_size=64, pretrain_steps=12,
+                  global_batch=4, micro_batch=2, sft_steps=6, spin_prompts=8, spin_iterations=2,
+                  max_new_tokens=8, chat_pairs=64),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "quickstart_out", help="where everything is written")
+    p.add_argument("--tokenizer", type=Path, help="a sentencepiece .model to use (e.g. Llama-2's) "
+                   "instead of training one on the local corpus")
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="'smoke' is the CI-sized run")
+    p.add_argument("--devices", default="1", help="devices for pretraining (fabric run --devices)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first and run every stage")
+    return p.parse_args(argv)
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.size = SIZES[args.size]
+        self.out = args.out.resolve()
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+
+    # ---- helpers ----------------------------------------------------------------------
+    def run(self, *cmd: str | Path) -> None:
+        cmd = [str(c) for c in cmd]
+        print(f"\n$ {' '.join(cmd)}", flush=True)
+        env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+                   WANDB_DIR=str(self.out / "wandb"), PYTHONUNBUFFERED="1")
+        (self.out / "wandb").mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(cmd, cwd=REPO, env=env)
+        if result.returncode != 0:
+            raise SystemExit(f"quickstart: stage command failed with exit code {result.returncode}:\n  {' '.join(cmd)}\n"
+                             f"Fix the problem above and run the quickstart again; finished stages are kept.")
+
+    def stage(self, name: str, done_marker: Path, fn) -> None:
+        print(f"\n=== [{len(self.timings) + 1}] {name}", flush=True)
+        if done_marker.exists():
+            print(f"already done ({done_marker.relative_to(self.out)} exists)")
+            self.timings[name] = 0.0
+            return
+        t0 = time.time()
+        fn()
+        if not done_marker.exists():
+            raise SystemExit(f"quickstart: stage {name!r} finished but {done_marker} is missing")
+        self.timings[name] = time.time() - t0
+        print(f"--- {name}: {self.timings[name]:.0f}s", flush=True)
+
+    @property
+    def py(self) -> str:
+        return sys.executable
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.args.tokenizer.resolve() if self.args.tokenizer else self.out / "tokenizer" / "tokenizer.model"
+
+    # ---- stages -----------------------------------------------------------------------
+    def corpus(self) -> None:
+        self.run(self.py, "scripts/make_local_corpus.py", "--out", self.out / "corpus",
+                 "--max-mb", self.size.corpus_mb, "--chat-pairs", self.size.chat_pairs)
+
+    def train_tokenizer(self) -> None:
+        corpus = self.out / "corpus"
+        self.run(self.py, "data_prep/train_tokenizer.py", "--input", corpus / "slimpajama" / "train",
+                 corpus / "starcoder" / "train", "--vocab-size", self.size.vocab_size,
+                 "--output", self.tokenizer)
+
+    def tokenize(self) -> None:
+        corpus, data = self.out / "corpus", self.out / "data"
+        for split in ("train", "validation"):
+            self.run(self.py, "data_prep/tokenize_slimpajama.py", "--input", corpus / "slimpajama",
+                     "--split", split, "--output", data / "slimpajama" / split, "--tokenizer", self.tokenizer,
+                     "--workers", 2)
+            self.run(self.py, "data_prep/tokenize_starcoder.py", "--input", corpus / "starcoder" / split,
+                     "--output", data / "starcoder" / split, "--tokenizer", self.tokenizer, "--workers", 2)
+        (data / "DONE").write_text("ok\n")
+
+    def pretrain(self) -> None:
+        data, s = self.out / "data", self.size
+        vocab = self._tokenizer_vocab()
+        fabric = shutil.which("fabric") or "fabric"
+        self.run(fabric, "run", "--devices", self.args.devices, "pretrain/tinyllama.py",
+                 "--config", s.model, "--vocab-size", vocab, "--block-size", s.block_size,
+                 "--data", f"{data / 'slimpajama' / 'train'}:0.7", f"{data / 'starcoder' / 'train'}:0.3",
+                 "--val-data", data / "slimpajama" / "validation", data / "starcoder" / "validation",
+                 "--tokenizer", self.tokenizer, "--out", self.out / "pretrain",
+                 "--max-steps", s.pretrain_steps, "--global-batch-size", s.global_batch,
+                 "--micro-batch-size", s.micro_batch, "--lr", "3e-3", "--min-lr", "3e-4",
+                 "--warmup-steps", max(1, s.pretrain_steps // 20), "--seed", 0,
+                 "--save-every", max(1, s.pretrain_steps // 2), "--val-every", max(1, s.pretrain_steps // 5),
+                 "--log-every", max(1, s.pretrain_steps // 50))
+
+    def sft(self) -> None:
+        s = self.size
+        self.run(self.py, "finetune/sft.py", "--ckpt", self.out / "pretrain" / "final",
+                 "--data", self.out / "corpus" / "chat" / "train.jsonl", "--out", self.out / "sft",
+                 "--max-steps", s.sft_steps, "--lr", "1e-3", "--global-batch-size", 16, "--micro-batch-size", 8,
+                 "--max-seq-len", s.block_size)
+
+    def spin(self) -> None:
+        s = self.size
+        self.run(self.py, "finetune/spin.py", "--ckpt", self.out / "sft" / "final",
+                 "--data", self.out / "corpus" / "chat" / "train.jsonl", "--out", self.out / "spin",
+                 "--iterations", s.spin_iterations, "--num-prompts", s.spin_prompts,
+                 "--max-new-tokens", s.max_new_tokens, "--lr", "1e-4", "--global-batch-size", 8,
+                 "--micro-batch-size", 4, "--max-seq-len", s.block_size)
+
+    def export(self) -> None:
+        final = self.out / "spin" / f"iter{self.size.spin_iterations}"
+        self.run(self.py, "scripts/convert_hf.py", "export", "--ckpt", final, "--out", self.out / "hf")
+        metrics = [p for p in (self.out / "pretrain" / "metrics.jsonl", self.out / "sft" / "metrics.jsonl",
+                               self.out / "spin" / "metrics.jsonl") if p.exists()]
+        self.run(self.py, "scripts/plot_metrics.py", *metrics[:1], "--out", self.out / "pretrain.png",
+                 "--title", "pretraining")
+        self.run(self.py, "scripts/plot_metrics.py", self.out / "spin" / "metrics.jsonl",
+                 "--out", self.out / "spin.png", "--title", "SPIN")
+
+    def _tokenizer_vocab(self) -> int:
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(self.tokenizer)).vocab_size()
+
+    # ---- the whole thing --------------------------------------------------------------
+    def main(self) -> None:
+        if self.args.fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.args.tokenizer and not self.args.tokenizer.is_file():
+            raise SystemExit(f"quickstart: --tokenizer {self.args.tokenizer} does not exist")
+        self.stage("corpus from the standard library", self.out / "corpus" / "corpus_summary.json", self.corpus)
+        if not self.args.tokenizer:
+            self.stage("train a sentencepiece tokenizer", self.tokenizer, self.train_tokenizer)
+        self.stage("tokenize SlimPajama- and StarCoder-format data", self.out / "data" / "DONE", self.tokenize)
+        self.stage("pretrain on the 7:3 mixture", self.out / "pretrain" / "final" / "model.safetensors", self.pretrain)
+        self.stage("supervised fine-tuning", self.out / "sft" / "final" / "model.safetensors", self.sft)
+        self.stage("SPIN self-play fine-tuning",
+                   self.out / "spin" / f"iter{self.size.spin_iterations}" / "model.safetensors", self.spin)
+        self.stage("export to Hugging Face format and plot", self.out / "spin.png", self.export)
+        print_summary(self)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_summary(p: Pipeline) -> None:
+    out = p.out
+    print("\n" + "=" * 72 + "\nquickstart summary\n" + "=" * 72)
+    tokens = 0
+    for summary in sorted((out / "data").rglob("summary.json")):
+        tokens += json.loads(summary.read_text()).get("tokens", 0)
+    print(f"tokens prepared (train + validation): {tokens:,}")
+    pre = _read_jsonl(out / "pretrain" / "metrics.jsonl")
+    train = [m for m in pre if "loss" in m]
+    val = [m for m in pre if "val_loss" in m]
+    if train:
+        print(f"pretraining loss: {train[0]['loss']:.3f} (step {train[0]['step']}) -> "
+              f"{train[-1]['loss']:.3f} (step {train[-1]['step']})")
+    if val:
+        print(f"validation loss {val[-1]['val_loss']:.3f}, perplexity {math.exp(val[-1]['val_loss']):.1f}")
+    spin = _read_jsonl(out / "spin" / "metrics.jsonl")
+    for it in sorted({m.get("iteration") for m in spin if "rewards/margins" in m}, key=lambda x: (x is None, x)):
+        rows = [m for m in spin if m.get("iteration") == it and "rewards/margins" in m]
+        print(f"SPIN iteration {it}: reward margin {rows[0]['rewards/margins']:.3f} -> {rows[-1]['rewards/margins']:.3f}, "
+              f"accuracy {rows[-1].get('rewards/accuracies', float('nan')):.2f}")
+    samples = out / "spin" / "samples.json"
+    if samples.exists():
+        for s in json.loads(samples.read_text())[:1]:
+            print(f"\nprompt: {s['prompt']}\n  before SPIN: {s['before']}\n  after SPIN:  {s['after']}")
+    print(f"\npictures: {out / 'pretrain.png'}  {out / 'spin.png'}")
+    print(f"HF export: {out / 'hf'} (transformers.LlamaForCausalLM.from_pretrained loads it)")
+    total = time.time() - p.started
+    print("stage times: " + ", ".join(f"{k.split()[0]} {v:.0f}s" for k, v in p.timings.items()) + f"; total {total:.0f}s")
+
+
+def main(argv=None) -> int:
+    Pipeline(parse_args(argv)).main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
