@@ -106,6 +106,9 @@ def _confirm_done(summary_file: Path, settings: dict, inputs: list[list]) -> dic
     if summary.get("settings") != settings or summary.get("inputs_sha256") != run_state.inputs_digest(inputs):
         raise DataPrepError(f"{summary_file.parent} already holds a finished run with other inputs or "
                             f"settings; choose another --output or delete that directory")
+    work = summary_file.parent / WORK_DIR_NAME
+    if work.exists():  # the previous run ended between writing the summary and this cleanup
+        shutil.rmtree(work)
     summary["already_complete"] = True
     return summary
 

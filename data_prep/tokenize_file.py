@@ -28,7 +28,7 @@ READERS = {"slimpajama": slimpajama.read_documents, "starcoder": starcoder.read_
 # Documents are encoded in batches (sentencepiece's batch call is much faster than one
 # call per document); a batch is flushed at this many documents or UTF-8 bytes.
 _BATCH_DOCS = 256
-_BATCH_BYTES = 4 << 20
+_BATCH_BYTES = 1 << 20  # also bounds how long a worker takes to notice an abort
 
 _worker: dict = {}  # per-process state set by init_worker: the processor, the eos id, counters
 

@@ -53,7 +53,8 @@ from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_r
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_resumable
 from finetune.losses import sequence_logps, spin_loss
-from finetune.runtime import MetricsLogger, build_fabric, clip_grad_norm, load_model_from_any, setup_model
+from finetune.runtime import (MetricsLogger, build_fabric, clip_grad_norm, load_model_from_any,
+                              setup_model)
 
 __all__ = ["spin_loss", "main"]
 

@@ -6,12 +6,11 @@ functions, so "triton" and "torch" are interchangeable everywhere else.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import torch
 
+from kernels._triton_utils import HAS_TRITON, interpreted
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from kernels.rms_norm import rms_norm, rms_norm_reference
@@ -29,11 +28,8 @@ __all__ = [
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when triton imported cleanly (kernels/_triton_utils.py tried it once)."""
+    return HAS_TRITON
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -47,9 +43,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         if not triton_available():
             raise RuntimeError("kernels='triton' but triton is not installed; "
                                "install it (Linux x86-64) or use kernels='torch'")
-        if device.type != "cuda" and not _interpreting():
-            raise RuntimeError(f"kernels='triton' needs a CUDA device (got {device}); "
-                               "set TRITON_INTERPRET=1 to run the kernels on CPU, or use kernels='torch'")
+        if device.type != "cuda" and not interpreted():
+            raise RuntimeError(f"kernels='triton' needs a CUDA device (got {device}); set TRITON_INTERPRET=1 "
+                               "before importing kernels to run them on CPU, or use kernels='torch'")
     return backend
 
 

@@ -31,13 +31,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = _Missing()
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Triton picks compiled vs interpreted kernels when `@triton.jit` runs, i.e. at import time,
 # so a TRITON_INTERPRET set later does not help: remember how the kernels were built.
-_INTERPRETED_AT_IMPORT = interpreting()
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED_AT_IMPORT
 
 
 def check_launch(name: str, *tensors: torch.Tensor) -> None:

@@ -67,12 +67,15 @@ def _ce_grad_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets_pt
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)
     # d/dx of (lse - x_t + z lse^2) = p * (1 + 2 z lse) - onehot(t), times grad_out / n_valid.
-    scale = tl.where(target != ignore_index, tl.load(scale_ptr), 0.0)
+    valid = target != ignore_index
+    scale = tl.where(valid, tl.load(scale_ptr), 0.0)
     p_coef = 1.0 + 2.0 * z_loss * lse
+    read_cols = tl.where(valid, n_cols, 0)  # an ignored row only gets zeros written: skip its reads
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # Unread columns hold -inf, so exp(x - lse) is 0 there (never inf * 0 for any lse).
+        x = tl.load(logits_ptr + cols, mask=cols < read_cols, other=float("-inf")).to(tl.float32)
         g = tl.exp(x - lse) * p_coef - tl.where(cols == target, 1.0, 0.0)
         tl.store(grad_ptr + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -103,7 +103,9 @@ class _RMSNorm(torch.autograd.Function):
         programs = num_programs(row_blocks, x2.device)
         # Each program's row range is whole BLOCK_M blocks, so blocks never straddle programs.
         rows_per_program = triton.cdiv(row_blocks, programs) * block_m
-        dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+        # Every program writes its partial row; with no rows at all nothing would, hence zeros.
+        alloc = torch.empty if n_rows else torch.zeros
+        dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows:
             _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_partial,
                                               dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,

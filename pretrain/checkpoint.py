@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +214,9 @@ def read_training_checkpoint_model(path: str | os.PathLike, kernels: str = "auto
     # for {"model": ...} reads only the weights.
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=True)
     except Exception as e:
         raise CheckpointError(f"{path / STATE_DIR}: could not read model weights ({type(e).__name__}: {e})") from e
     model.load_state_dict(state["model"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import lightning as L
 import torch
@@ -132,11 +133,15 @@ def setup_model(fabric: L.Fabric, model: nn.Module, seed: int | None = None) -> 
     A model built with real weights (a loaded checkpoint, or the CPU tests) is sharded as is.
     """
     built_on_meta = any(p.is_meta for p in model.parameters())
-    wrapped = fabric.setup_module(model)
+    with warnings.catch_warnings():
+        # Fabric warns that RMSNorm has no reset_parameters(); init_weights below covers it.
+        warnings.filterwarnings("ignore", message="Parameter initialization incomplete")
+        wrapped = fabric.setup_module(model)
     if built_on_meta:
         if seed is not None:
             torch.manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DTensor random operators")
             unwrap(wrapped).init_weights()
     return wrapped
 

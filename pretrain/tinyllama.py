@@ -65,22 +65,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimizer steps (TinyLlama: ~3T tokens at 2M tokens/step)")
     g.add_argument("--global-batch-size", type=int, default=1024, help="sequences per optimizer step, all ranks")
     g.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward per rank")
-    g.add_argument("--lr", type=float, default=4e-4)
-    g.add_argument("--min-lr", type=float, default=4e-5)
-    g.add_argument("--warmup-steps", type=int, default=2000)
+    g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=4e-5, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=int, default=2000, help="linear warmup steps")
     g.add_argument("--lr-decay-steps", type=int, default=None, help="cosine ends here; default: --max-steps")
     g.add_argument("--weight-decay", type=float, default=0.1, help="applied to matrices, not norms")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip; 0 disables")
     g.add_argument("--max-skipped-steps", type=int, default=10,
                    help="stop after this many non-finite steps in a row")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="seeds the init and the data order")
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--accelerator", default="auto", help="cpu, cuda or auto (fabric run's flags take over)")
     g.add_argument("--devices", default="auto", help="processes per node (fabric run's flags take over)")
-    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--num-nodes", type=int, default=1, help="nodes (fabric run's flags take over)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="default: bf16-mixed on CUDA, 32-true on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
@@ -94,11 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and exit after this many steps in this invocation (time-boxed jobs); "
                         "the schedule still follows --max-steps")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--val-every", type=int, default=1000)
+    g.add_argument("--log-every", type=int, default=10, help="log metrics every N optimizer steps")
+    g.add_argument("--val-every", type=int, default=1000, help="validation loss every N steps (and at the end)")
     g.add_argument("--val-batches", type=int, default=50, help="micro-batches per rank per validation")
-    g.add_argument("--wandb-project", default="tinyllama")
-    g.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    g.add_argument("--wandb-project", default="tinyllama", help="wandb project name")
+    g.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
+                   help="offline writes OUT/wandb and never uses the network; `wandb sync` uploads later")
     # Debug hooks for tests; hidden from --help.
     p.add_argument("--debug-nan-steps", default="", help=argparse.SUPPRESS)
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -239,6 +240,8 @@ def train(args) -> int:
                  f"{world} rank(s) x {accum} micro-batch(es) of {args.micro_batch_size} = "
                  f"{args.global_batch_size} sequences ({tokens_per_step:,} tokens) per step; precision {precision}")
     fabric.print(f"data: {sampler.describe()}")
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    fabric.print(f"FSDP2: rank 0 holds {local:,} of {config.num_params:,} parameter elements")
 
     loader = make_loader(sampler, start_step, args.global_batch_size, args.micro_batch_size, rank, world,
                          end_step, args.num_workers)

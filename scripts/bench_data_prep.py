@@ -8,7 +8,10 @@ Without --slimpajama/--starcoder it writes a corpus of --mb MB per source into a
 directory, in the real formats, from text this Python ships with: prose from the pydoc
 topic texts and docstrings (SlimPajama-like .jsonl.zst) and code from the standard
 library's .py files (StarCoder-like parquet). Nothing is downloaded. MB are UTF-8 bytes
-of document text; the per-worker figures are the totals divided by --workers.
+of document text; the per-worker figures are the totals divided by --workers. The
+"encode only" rows time sentencepiece alone in this process (one thread): the ceiling of
+one worker. End-to-end rows include starting the worker processes (~1 s), so use a corpus
+large enough (--mb) that this does not matter.
 """
 from __future__ import annotations
 
@@ -38,15 +41,19 @@ def _stdlib_files() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
 
 
-def _prose_documents() -> list[str]:
-    """Natural-language text: pydoc topics (the language reference) and module docstrings."""
+def _prose_documents(megabytes: float) -> list[str]:
+    """Natural-language text: pydoc topics (the language reference), then module docstrings
+    until there is `megabytes` of distinct text (or the standard library runs out)."""
     docs = []
     try:
         from pydoc_data.topics import topics
         docs += [topics[k] for k in sorted(topics)]
     except ImportError:
         pass
+    size = sum(len(d) for d in docs)
     for path in _stdlib_files():
+        if size >= megabytes * 1e6:
+            break
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -56,14 +63,18 @@ def _prose_documents() -> list[str]:
                 text = ast.get_docstring(node)
                 if text and len(text) > 200:
                     docs.append(text)
+                    size += len(text)
     return docs
 
 
-def _code_documents() -> list[str]:
-    docs = []
+def _code_documents(megabytes: float) -> list[str]:
+    docs, size = [], 0
     for path in _stdlib_files():
+        if size >= megabytes * 1e6:
+            break
         try:
             docs.append(path.read_text(encoding="utf-8"))
+            size += len(docs[-1])
         except UnicodeDecodeError:
             continue
     return docs
@@ -91,17 +102,45 @@ def _take(docs: list[str], megabytes: float) -> list[list[str]]:
 
 def write_corpus(root: Path, megabytes: float) -> tuple[Path, Path]:
     sp_root, sc_root = root / "slimpajama", root / "starcoder"
-    for i, docs in enumerate(_take(_prose_documents(), megabytes)):
+    for i, docs in enumerate(_take(_prose_documents(megabytes), megabytes)):
         path = sp_root / "train" / "chunk1" / f"example_train_{i}.jsonl.zst"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps({"text": d, "meta": {"redpajama_set_name": "RedPajamaWikipedia"}}) + "\n"
                         for d in docs)
         path.write_bytes(zstandard.ZstdCompressor(level=3).compress(lines.encode("utf-8")))
-    for i, docs in enumerate(_take(_code_documents(), megabytes)):
+    for i, docs in enumerate(_take(_code_documents(megabytes), megabytes)):
         path = sc_root / "python" / f"train-{i:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"content": docs}), path)
     return sp_root, sc_root
+
+
+def bench_encode_only(source: str, root: Path, tokenizer: Path, megabytes: float) -> dict:
+    """sentencepiece alone, one process, one thread: the ceiling of one worker."""
+    import sentencepiece as spm
+
+    from data_prep.errors import BadInputReport
+    from data_prep.pipeline import FINDERS
+    from data_prep.tokenize_file import READERS
+
+    texts, size = [], 0
+    for path in FINDERS[source](root, "train" if source == "slimpajama" else None):
+        for _, text in READERS[source](path, BadInputReport(str(path), skip_bad=True)):
+            texts.append(text)
+            size += len(text.encode("utf-8"))
+        if size >= megabytes * 1e6:
+            break
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), 256):
+        tokens += sum(map(len, processor.encode(texts[i:i + 256], out_type=int, num_threads=1)))
+    seconds = time.perf_counter() - start
+    return {"source": f"{source} (encode only)", "workers": 1, "files": "-", "documents": len(texts),
+            "MB": round(size / 1e6, 2), "tokens": tokens, "seconds": round(seconds, 2),
+            "MB/s": round(size / 1e6 / seconds, 2), "tokens/s": round(tokens / seconds),
+            "MB/s/worker": round(size / 1e6 / seconds, 2), "tokens/s/worker": round(tokens / seconds),
+            "bytes/token": round(size / max(tokens, 1), 2)}
 
 
 def bench(source: str, root: Path, tokenizer: Path, workers: int, scratch: Path) -> dict:
@@ -140,16 +179,22 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             sp_root, sc_root = write_corpus(scratch / "corpus", args.mb)
             sources = [("slimpajama", sp_root), ("starcoder", sc_root)]
-        rows = [bench(source, root, args.tokenizer, w, scratch) for source, root in sources for w in args.workers]
+        rows = []
+        for source, root in sources:
+            rows.append(bench_encode_only(source, root, args.tokenizer, args.mb))
+            rows += [bench(source, root, args.tokenizer, w, scratch) for w in args.workers]
 
     columns = ["source", "workers", "files", "MB", "tokens", "seconds", "MB/s", "tokens/s", "MB/s/worker",
                "tokens/s/worker", "bytes/token"]
-    widths = [max(len(c), *(len(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])) for r in rows)) for c in columns]
+    def cell(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
     print(f"tokenizer: {args.tokenizer}")
     print(" | ".join(c.rjust(w) for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
-        print(" | ".join((f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])).rjust(w) for c, w in zip(columns, widths)))
+        print(" | ".join(cell(r[c]).rjust(w) for c, w in zip(columns, widths)))
     if args.json:
         args.json.write_text(json.dumps({"tokenizer": str(args.tokenizer), "results": rows}, indent=1) + "\n")
     return 0

@@ -10,8 +10,8 @@ fused linear+CE is matmul-bound, so it reports TFLOP/s instead.
 
     python scripts/bench_kernels.py                       # table on stdout
     python scripts/bench_kernels.py --json bench.json     # also write the rows as JSON
-    python scripts/bench_kernels.py --smoke               # tiny shapes on CPU (Triton interpreter),
-                                                          # to check the script itself without a GPU
+    python scripts/bench_kernels.py --smoke               # tiny shapes (on CPU: Triton interpreter),
+                                                          # to check the script itself
 
 Targets (issue): RMSNorm/RoPE/SwiGLU >= 80% of copy bandwidth and no slower than
 torch.compile or Liger; cross-entropy no slower than torch.compile; fused linear+CE peak
@@ -265,7 +265,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile competitor")
     p.add_argument("--json", type=Path, help="also write the rows (and the copy bandwidth) here")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU under the Triton interpreter, no torch.compile: checks the script")
+                   help="tiny shapes, no torch.compile (on CPU: the Triton interpreter): checks the script")
     args = p.parse_args(argv)
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(args.kernels) - set(KERNELS))
@@ -281,8 +281,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/triton are imported
-        device, shapes, use_compile, batches = torch.device("cpu"), SMOKE, False, [2]
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/triton are imported
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        shapes, use_compile, batches, args.rep = SMOKE, False, [2], min(args.rep, 20)
     else:
         if not torch.cuda.is_available():
             print("bench_kernels.py: no CUDA device found; the Triton kernels are benchmarked on a GPU. "
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs(device, 2**30 if device.type == "cuda" else 2**24, args.rep)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"device: {name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write of a "
           f"{'1 GiB' if device.type == 'cuda' else '16 MiB'} copy); bf16, forward + backward")
     if _liger() is None:

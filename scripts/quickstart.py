@@ -118,10 +118,10 @@ class Pipeline:
                  "--max-mb", self.size.corpus_mb, "--chat-pairs", self.size.chat_pairs)
 
     def train_tokenizer(self) -> None:
-        corpus = self.out / "corpus"
-        self.run(self.py, "data_prep/train_tokenizer.py", "--input", corpus / "slimpajama" / "train",
-                 corpus / "starcoder" / "train", "--vocab-size", self.size.vocab_size,
-                 "--output", self.tokenizer)
+        text = self.out / "tokenizer" / "train_text.txt"
+        write_tokenizer_text(self.out / "corpus", text)
+        self.run(self.py, "data_prep/train_tokenizer.py", "--input", text, "--vocab-size", self.size.vocab_size,
+                 "--model-prefix", self.tokenizer.with_suffix(""))
 
     def tokenize(self) -> None:
         corpus, data = self.out / "corpus", self.out / "data"
@@ -195,6 +195,23 @@ class Pipeline:
                    self.out / "spin" / f"iter{self.size.spin_iterations}" / "model.safetensors", self.spin)
         self.stage("export to Hugging Face format and plot", self.out / "spin.png", self.export)
         print_summary(self)
+
+
+def write_tokenizer_text(corpus: Path, out: Path) -> None:
+    """The training split's documents as plain text (sentencepiece reads lines), through
+    data_prep's own readers so the tokenizer sees exactly what gets tokenized."""
+    from data_prep import slimpajama, starcoder
+    from data_prep.errors import BadInputReport
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for reader, files in ((slimpajama, slimpajama.find_inputs(corpus / "slimpajama", "train")),
+                              (starcoder, starcoder.find_inputs(corpus / "starcoder" / "train"))):
+            for path in files:
+                for _, text in reader.read_documents(path, BadInputReport(str(path), skip_bad=False)):
+                    f.write(text.strip() + "\n")
+    os.replace(tmp, out)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

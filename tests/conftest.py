@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 # Triton decides compiled vs interpreted kernels when `kernels` is first imported, and any
-# test module may import it first: run Triton kernels on the CPU interpreter for the whole session.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# test module may import it first: without a GPU, run Triton kernels on the CPU interpreter
+# for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random
 from pathlib import Path

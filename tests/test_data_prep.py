@@ -248,7 +248,8 @@ def test_resume_refuses_changed_settings(slimpajama, tiny_tokenizer, tmp_path):
     assert killed.returncode == -9
     other = cli("slimpajama", *args, "--shard-tokens", SHARD_TOKENS + 1)
     assert other.returncode == 2
-    assert f"shard_tokens: was {SHARD_TOKENS}, now {SHARD_TOKENS + 1}" in other.stderr and str(out / ".work") in other.stderr
+    assert f"shard_tokens: was {SHARD_TOKENS}, now {SHARD_TOKENS + 1}" in other.stderr
+    assert str(out / ".work") in other.stderr  # the message says what to delete to start over
 
 
 def test_missing_tokenizer_is_a_clear_error(slimpajama, tmp_path):
@@ -309,3 +310,32 @@ def test_llama2_tokenizer(starcoder, tmp_path):
     summary = tokenize("starcoder", root, tmp_path / "o", LLAMA2_TOKENIZER, workers=2)
     assert summary["tokenizer"]["vocab_size"] == 32000 and summary["dtype"] == "uint16"
     assert decoded(tmp_path / "o", LLAMA2_TOKENIZER) == kept
+
+
+def test_zst_reader_frames_and_line_ends(tmp_path):
+    from data_prep.errors import BadInputReport
+    from data_prep.slimpajama import read_documents
+
+    def lines(path, skip_bad=False):
+        return [text for _, text in read_documents(path, BadInputReport(str(path), skip_bad))]
+
+    compress = zstandard.ZstdCompressor().compress
+    two_frames = tmp_path / "two_frames.jsonl.zst"  # e.g. files appended to; the last line has no newline
+    two_frames.write_bytes(compress(b'{"text": "a"}\n{"text": "b"}\n') + compress(b'{"text": "c"}'))
+    assert lines(two_frames) == ["a", "b", "c"]
+
+    # a truncated stream: only lines decoded completely before the cut are data
+    big = [json.dumps({"text": f"document {i} " * 20}).encode() for i in range(3000)]
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(zstandard.ZstdCompressor(level=1).compress(b"\n".join(big) + b"\n")[:-5000])
+    report = BadInputReport(str(cut), skip_bad=True)
+    got = [text for _, text in read_documents(cut, report)]
+    assert 0 < len(got) < len(big) and got == [json.loads(b)["text"] for b in big[:len(got)]]
+    assert report.skipped == {"truncated_zst": 1}
+
+    empty = tmp_path / "empty.jsonl.zst"
+    empty.write_bytes(b"")
+    with pytest.raises(Exception, match="truncated_zst"):
+        lines(empty)
+    empty.write_bytes(compress(b""))  # a valid frame holding nothing: no documents, no error
+    assert lines(empty) == []

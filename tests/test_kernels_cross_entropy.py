@@ -3,12 +3,16 @@ odd vocabularies, multi-block rows, ignore_index, z-loss, all-ignored batches an
 bf16 p - 1 cancellation (CPU interpreter)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
+import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib
 
 import pytest
-import torch
 
 import kernels
 
@@ -32,8 +36,8 @@ def test_cross_entropy_matches_reference(n_rows, vocab, z_loss, max_block, dtype
     if max_block:
         monkeypatch.setattr(ce_module, "_MAX_BLOCK", max_block)
     torch.manual_seed(0)
-    logits = (torch.randn(n_rows, vocab) * 4).to(dtype)
-    targets = torch.randint(0, vocab, (n_rows,))
+    logits = (torch.randn(n_rows, vocab) * 4).to(DEVICE, dtype)
+    targets = torch.randint(0, vocab, (n_rows,)).to(DEVICE)
     targets[::4] = -100  # ignored rows
     loss, grad = _run(kernels.cross_entropy, logits, targets, z_loss=z_loss)
     loss_ref, grad_ref = _run(kernels.cross_entropy_reference, logits, targets, z_loss=z_loss)
@@ -45,7 +49,7 @@ def test_cross_entropy_matches_reference(n_rows, vocab, z_loss, max_block, dtype
 
 def test_cross_entropy_custom_ignore_index():
     torch.manual_seed(1)
-    logits, targets = torch.randn(6, 50), torch.tensor([3, 7, 7, 0, 49, 7])
+    logits, targets = torch.randn(6, 50, device=DEVICE), torch.tensor([3, 7, 7, 0, 49, 7], device=DEVICE)
     loss, grad = _run(kernels.cross_entropy, logits, targets, ignore_index=7)
     loss_ref, grad_ref = _run(kernels.cross_entropy_reference, logits, targets, ignore_index=7)
     torch.testing.assert_close((loss, grad), (loss_ref, grad_ref), **TOL[torch.float32])
@@ -53,8 +57,8 @@ def test_cross_entropy_custom_ignore_index():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_all_ignored_is_zero_not_nan(dtype):
-    logits = torch.randn(5, 33).to(dtype)
-    loss, grad = _run(kernels.cross_entropy, logits, torch.full((5,), -100), z_loss=1e-4)
+    logits = torch.randn(5, 33).to(DEVICE, dtype)
+    loss, grad = _run(kernels.cross_entropy, logits, torch.full((5,), -100, device=DEVICE), z_loss=1e-4)
     assert loss.item() == 0.0
     assert torch.all(grad == 0)
 
@@ -65,14 +69,14 @@ def test_cross_entropy_bf16_confident_target_keeps_small_gradient():
     vocab = 1000
     logits = torch.zeros(2, vocab)
     logits[:, 5] = 12.0
-    targets = torch.tensor([5, 5])
-    _, grad = _run(kernels.cross_entropy, logits.bfloat16(), targets)
+    targets = torch.tensor([5, 5], device=DEVICE)
+    _, grad = _run(kernels.cross_entropy, logits.to(DEVICE, torch.bfloat16), targets)
     exact = (torch.softmax(logits.double(), -1)[:, 5] - 1) * 1.5  # grad_out 3 / 2 valid rows
     naive = (torch.softmax(logits.bfloat16(), -1)[:, 5] - 1).double() * 1.5
     assert ((naive - exact).abs() / exact.abs()).min() > 0.1  # the cancellation this guards against
-    torch.testing.assert_close(grad[:, 5].double(), exact, rtol=1e-2, atol=0)
+    torch.testing.assert_close(grad[:, 5].double().cpu(), exact, rtol=1e-2, atol=0)
 
 
 def test_cross_entropy_rejects_bad_targets():
     with pytest.raises(ValueError, match="targets must be"):
-        kernels.cross_entropy(torch.randn(4, 10), torch.zeros(3, dtype=torch.long))
+        kernels.cross_entropy(torch.randn(4, 10, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE))

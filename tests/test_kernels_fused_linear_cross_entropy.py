@@ -3,12 +3,16 @@ gradients of hidden and weight, fp32 and bf16, odd sizes, several chunks with a 
 ignore_index, z-loss, all-ignored batches, frozen weight, autocast (CPU interpreter)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
+import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib
 
 import pytest
-import torch
 
 import kernels
 
@@ -32,9 +36,9 @@ def _assert_close(got, want, dtype):
 
 def _inputs(n, d, vocab, dtype, seed=0):
     torch.manual_seed(seed)
-    hidden = torch.randn(n, d).to(dtype)
-    weight = (torch.randn(vocab, d) / d ** 0.5 * 3).to(dtype)
-    targets = torch.randint(0, vocab, (n,))
+    hidden = torch.randn(n, d).to(DEVICE, dtype)
+    weight = (torch.randn(vocab, d) / d ** 0.5 * 3).to(DEVICE, dtype)
+    targets = torch.randint(0, vocab, (n,)).to(DEVICE)
     targets[1::5] = -100
     return hidden, weight, targets
 
@@ -55,7 +59,7 @@ def test_fused_linear_ce_matches_reference(chunk_rows, z_loss, dtype):
 
 def test_fused_linear_ce_all_ignored_is_zero_not_nan():
     hidden, weight, _ = _inputs(6, 8, 40, torch.float32)
-    loss, dh, dw = _run(kernels.fused_linear_cross_entropy, hidden, weight, torch.full((6,), -100),
+    loss, dh, dw = _run(kernels.fused_linear_cross_entropy, hidden, weight, torch.full((6,), -100, device=DEVICE),
                         z_loss=1e-4, chunk_rows=4)
     assert loss.item() == 0.0
     assert torch.all(dh == 0) and torch.all(dw == 0)
@@ -76,13 +80,39 @@ def test_fused_linear_ce_frozen_weight_and_no_grad():
 def test_fused_linear_ce_under_autocast_matches_reference():
     # fp32 master weights + bf16 autocast (Fabric "bf16-mixed"): matmuls in bf16, grads in fp32.
     hidden, weight, targets = _inputs(12, 16, 70, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got = _run(kernels.fused_linear_cross_entropy, hidden, weight, targets, chunk_rows=5)
         want = _run(kernels.fused_linear_cross_entropy_reference, hidden, weight, targets)
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-3)
     for g, w in zip(got[1:], want[1:]):
         _assert_close(g, w, torch.bfloat16)
+
+
+def test_weight_gradient_accumulates_over_chunks_in_fp32():
+    # 48 chunks of 2 rows: summing the chunk products in bf16 would drift (~1e-2 of the scale,
+    # shown below); summed in fp32 and rounded once, the gradient stays near bf16 precision.
+    torch.manual_seed(0)
+    n, d, vocab, chunk = 96, 16, 64, 2
+    hidden, weight = torch.randn(n, d).bfloat16(), (torch.randn(vocab, d) / 4).bfloat16()
+    targets = torch.randint(0, vocab, (n,))
+    w64 = weight.double().requires_grad_(True)
+    kernels.cross_entropy_reference(hidden.double() @ w64.t(), targets).backward()
+    truth = w64.grad
+
+    def rel_err(grad):
+        return ((grad.double().cpu() - truth).abs().max() / truth.abs().max()).item()
+
+    bf16_sum = torch.zeros(vocab, d, dtype=torch.bfloat16)
+    for i in range(0, n, chunk):
+        p = torch.softmax(hidden[i:i + chunk].float() @ weight.float().t(), -1)
+        p[torch.arange(chunk), targets[i:i + chunk]] -= 1
+        bf16_sum += (p / n).bfloat16().t() @ hidden[i:i + chunk]
+    assert rel_err(bf16_sum) > 8e-3
+
+    w = weight.to(DEVICE).requires_grad_(True)
+    kernels.fused_linear_cross_entropy(hidden.to(DEVICE), w, targets.to(DEVICE), chunk_rows=chunk).backward()
+    assert rel_err(w.grad) < 8e-3
 
 
 def test_chunk_size_bounds_the_logits_memory():
@@ -94,4 +124,5 @@ def test_chunk_size_bounds_the_logits_memory():
 
 def test_fused_linear_ce_rejects_mismatched_dtypes():
     with pytest.raises(TypeError, match="same dtype"):
-        kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4).bfloat16(), torch.zeros(3).long())
+        kernels.fused_linear_cross_entropy(torch.randn(3, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE).bfloat16(),
+                                           torch.zeros(3, dtype=torch.long, device=DEVICE))

@@ -9,9 +9,13 @@ gradients into +-lr jumps), while SGD's update is the gradient itself, so the fi
 weights are compared too."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
-
 import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 from model import Config, Llama
 
@@ -24,7 +28,7 @@ WEIGHT_ATOL, WEIGHT_RTOL = 1e-5, 1e-4
 
 
 def _train(backend: str, state: dict, batches) -> tuple[list[float], dict]:
-    model = Llama(Config.from_name("tiny"), kernels=backend)
+    model = Llama(Config.from_name("tiny"), kernels=backend).to(DEVICE)
     model.load_state_dict(state)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
@@ -47,7 +51,7 @@ def test_tiny_model_trains_identically_with_triton_and_torch_kernels():
         idx = torch.randint(0, config.vocab_size, (2, 10), generator=gen)
         targets = torch.roll(idx, -1, dims=1)
         targets[:, -1] = -100  # no next token: ignored
-        data.append((idx, targets))
+        data.append((idx.to(DEVICE), targets.to(DEVICE)))
     batches = [data[step % 2] for step in range(STEPS)]
 
     triton_losses, triton_state = _train("triton", state, batches)

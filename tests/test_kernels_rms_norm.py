@@ -2,10 +2,14 @@
 odd widths and row counts, non-contiguous input (Triton runs on the CPU interpreter)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
+import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 import kernels
 
@@ -24,9 +28,9 @@ def _run(fn, x, w, eps, dy):
 @pytest.mark.parametrize("shape", [(3, 50, 40), (37, 123)])  # 150 rows: 3 row blocks per backward program
 def test_rms_norm_matches_reference(shape, dtype):
     torch.manual_seed(0)
-    x = (torch.randn(shape) * 3).to(dtype)
-    w = (1 + 0.5 * torch.randn(shape[-1])).to(dtype)
-    dy = torch.randn(shape).to(dtype)
+    x = (torch.randn(shape) * 3).to(DEVICE, dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1])).to(DEVICE, dtype)
+    dy = torch.randn(shape).to(DEVICE, dtype)
     y, dx, dw = _run(kernels.rms_norm, x, w, 1e-5, dy)
     y_ref, dx_ref, dw_ref = _run(kernels.rms_norm_reference, x, w, 1e-5, dy)
     assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
@@ -38,16 +42,23 @@ def test_rms_norm_matches_reference(shape, dtype):
 def test_rms_norm_strided_input_and_large_eps():
     # A column slice has a row stride larger than its width, as a view of a fused projection.
     torch.manual_seed(1)
-    base = torch.randn(3, 7, 2 * 48)
+    base = torch.randn(3, 7, 2 * 48, device=DEVICE)
     x = base[..., :48]
-    w = torch.randn(48)
-    dy = torch.randn(3, 7, 48)
+    w = torch.randn(48, device=DEVICE)
+    dy = torch.randn(3, 7, 48, device=DEVICE)
     y, dx, dw = _run(kernels.rms_norm, x, w, 0.5, dy)
     y_ref, dx_ref, dw_ref = _run(kernels.rms_norm_reference, x, w, 0.5, dy)
     for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def test_rms_norm_empty_batch_gives_zero_weight_grad():
+    x = torch.randn(0, 5, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    kernels.rms_norm(x, w, 1e-5).sum().backward()
+    assert x.grad.shape == x.shape and torch.all(w.grad == 0)
+
+
 def test_rms_norm_rejects_mismatched_weight():
     with pytest.raises(ValueError, match="weight must have shape"):
-        kernels.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+        kernels.rms_norm(torch.randn(2, 8, device=DEVICE), torch.ones(7, device=DEVICE), 1e-5)

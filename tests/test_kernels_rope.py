@@ -3,10 +3,14 @@ qkv projection they are sliced from, GQA head counts, (T, D) and per-row (B, T, 
 odd head dims, fp32 and bf16 (CPU interpreter)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
+import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 import kernels
 
@@ -18,7 +22,7 @@ def _tables(positions: torch.Tensor, D: int):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
 
 def _run(fn, qkv, n_q, n_k, cos, sin, dq, dk):
@@ -39,10 +43,10 @@ def _run(fn, qkv, n_q, n_k, cos, sin, dq, dk):
 ])
 def test_rope_matches_reference(B, T, n_q, n_k, D, per_row, dtype):
     torch.manual_seed(0)
-    qkv = torch.randn(B, T, n_q + 2 * n_k, D).to(dtype)
+    qkv = torch.randn(B, T, n_q + 2 * n_k, D).to(DEVICE, dtype)
     positions = torch.randint(0, 100, (B, T)) if per_row else torch.arange(T) + 3
     cos, sin = _tables(positions, D)
-    dq, dk = torch.randn(B, T, n_q, D).to(dtype), torch.randn(B, T, n_k, D).to(dtype)
+    dq, dk = torch.randn(B, T, n_q, D).to(DEVICE, dtype), torch.randn(B, T, n_k, D).to(DEVICE, dtype)
     q, k, dqkv = _run(kernels.apply_rope, qkv, n_q, n_k, cos, sin, dq, dk)
     q_ref, k_ref, dqkv_ref = _run(kernels.apply_rope_reference, qkv, n_q, n_k, cos, sin, dq, dk)
     assert q.dtype == dtype and k.dtype == dtype and dqkv.dtype == dtype
@@ -55,9 +59,9 @@ def test_rope_general_tables_and_unused_k():
     # Tables whose halves differ (not HF-shaped) still follow the reference formula exactly,
     # and an unused k output (zero gradient) is handled.
     torch.manual_seed(1)
-    q = torch.randn(2, 3, 2, 6, requires_grad=True)
-    k = torch.randn(2, 3, 1, 6, requires_grad=True)
-    cos, sin = torch.randn(3, 6), torch.randn(3, 6)
+    q = torch.randn(2, 3, 2, 6, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 3, 1, 6, device=DEVICE, requires_grad=True)
+    cos, sin = torch.randn(3, 6, device=DEVICE), torch.randn(3, 6, device=DEVICE)
     q_rot, k_rot = kernels.apply_rope(q, k, cos, sin)
     q_ref, k_ref = kernels.apply_rope_reference(q, k, cos, sin)
     torch.testing.assert_close((q_rot, k_rot), (q_ref, k_ref), **TOL[torch.float32])
@@ -70,6 +74,6 @@ def test_rope_general_tables_and_unused_k():
 
 
 def test_rope_rejects_bad_tables():
-    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    q, k = torch.randn(1, 4, 2, 8, device=DEVICE), torch.randn(1, 4, 1, 8, device=DEVICE)
     with pytest.raises(ValueError, match="cos and sin"):
-        kernels.apply_rope(q, k, torch.randn(5, 8), torch.randn(5, 8))
+        kernels.apply_rope(q, k, torch.randn(5, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE))

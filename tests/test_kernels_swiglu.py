@@ -2,10 +2,14 @@
 odd widths, gate/up as strided halves of one fused projection (CPU interpreter)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton/kernels are imported
+import torch
+
+# Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 import kernels
 
@@ -26,8 +30,8 @@ def _run(fn, h, dy):
 def test_swiglu_matches_reference(shape, dtype):
     torch.manual_seed(0)
     *lead, n = shape
-    h = (torch.randn(*lead, 2 * n) * 3).to(dtype)  # wide range: saturated and linear silu regions
-    dy = torch.randn(shape).to(dtype)
+    h = (torch.randn(*lead, 2 * n) * 3).to(DEVICE, dtype)  # wide range: saturated and linear silu regions
+    dy = torch.randn(shape).to(DEVICE, dtype)
     y, dh = _run(kernels.swiglu, h, dy)
     y_ref, dh_ref = _run(kernels.swiglu_reference, h, dy)
     assert y.dtype == dtype and dh.dtype == dtype
@@ -37,9 +41,9 @@ def test_swiglu_matches_reference(shape, dtype):
 
 def test_swiglu_contiguous_inputs_and_noncontiguous_grad():
     torch.manual_seed(1)
-    gate = torch.randn(4, 33, requires_grad=True)
-    up = torch.randn(4, 33, requires_grad=True)
-    dy = torch.randn(33, 4).t()  # transposed: column stride != 1
+    gate = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    up = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    dy = torch.randn(33, 4, device=DEVICE).t()  # transposed: column stride != 1
     kernels.swiglu(gate, up).backward(dy)
     got = (gate.grad, up.grad)
     gate.grad = up.grad = None
@@ -49,4 +53,4 @@ def test_swiglu_contiguous_inputs_and_noncontiguous_grad():
 
 def test_swiglu_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
-        kernels.swiglu(torch.randn(2, 8), torch.randn(2, 9))
+        kernels.swiglu(torch.randn(2, 8, device=DEVICE), torch.randn(2, 9, device=DEVICE))

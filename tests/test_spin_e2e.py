@@ -90,7 +90,8 @@ def test_spin_two_iterations_survive_a_kill(tiny_ckpt, chat_file, tmp_path):
         assert (out / f"iter{t}" / "model.safetensors").is_file() and (out / f"iter{t}" / "tokenizer.model").is_file()
     assert json.loads((out / "state.json").read_text())["completed_iterations"] == 2
     for t in (0, 1):
-        gens = [json.loads(l)["index"] for l in (out / "work" / f"iter{t}" / "generations.jsonl").read_text().splitlines()]
+        gen_file = out / "work" / f"iter{t}" / "generations.jsonl"
+        gens = [json.loads(l)["index"] for l in gen_file.read_text().splitlines()]
         assert gens == list(range(48))
         pairs = [json.loads(l) for l in (out / "work" / f"iter{t}" / "pairs.jsonl").read_text().splitlines()]
         ids = [p["prompt_id"] for p in pairs]
