@@ -161,7 +161,7 @@ class Pipeline:
                  "--data", self.out / "corpus" / "chat" / "train.jsonl", "--out", self.out / "spin",
                  "--iterations", s.spin_iterations, "--num-prompts", s.spin_prompts,
                  "--max-new-tokens", s.max_new_tokens, "--lr", "1e-4", "--global-batch-size", 8,
-                 "--micro-batch-size", 4, "--max-seq-len", s.block_size)
+                 "--micro-batch-size", 4, "--max-len", s.block_size, "--max-prompt-len", s.block_size // 2)
 
     def export(self) -> None:
         final = self.out / "spin" / f"iter{self.size.spin_iterations}"
