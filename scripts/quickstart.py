@@ -172,6 +172,8 @@ class Pipeline:
                  "--title", "pretraining")
         self.run(self.py, "scripts/plot_metrics.py", self.out / "spin" / "metrics.jsonl",
                  "--out", self.out / "spin.png", "--title", "SPIN")
+        write_samples(self.out / "corpus" / "chat" / "test.jsonl", before=self.out / "sft" / "final",
+                      after=final, out=self.out / "samples.json", max_new_tokens=self.size.max_new_tokens * 2)
 
     def _tokenizer_vocab(self) -> int:
         import sentencepiece as spm
@@ -193,7 +195,7 @@ class Pipeline:
         self.stage("supervised fine-tuning", self.out / "sft" / "final" / "model.safetensors", self.sft)
         self.stage("SPIN self-play fine-tuning",
                    self.out / "spin" / f"iter{self.size.spin_iterations}" / "model.safetensors", self.spin)
-        self.stage("export to Hugging Face format and plot", self.out / "spin.png", self.export)
+        self.stage("export to Hugging Face format, plot, sample answers", self.out / "samples.json", self.export)
         print_summary(self)
 
 
@@ -212,6 +214,29 @@ def write_tokenizer_text(corpus: Path, out: Path) -> None:
                 for _, text in reader.read_documents(path, BadInputReport(str(path), skip_bad=False)):
                     f.write(text.strip() + "\n")
     os.replace(tmp, out)
+
+
+def write_samples(test_data: Path, before: Path, after: Path, out: Path, max_new_tokens: int,
+                  num_prompts: int = 3) -> None:
+    """Greedy answers to held-out prompts from the SFT model and from the last SPIN iterate,
+    using finetune's own template and KV-cache generator."""
+    from finetune.chat import ChatEncoder, read_chat
+    from finetune.checkpoints import load_start
+    from finetune.generate import generate_batch
+
+    examples = read_chat(test_data, limit=num_prompts)
+    answers = {}
+    for label, ckpt in (("before", before), ("after", after)):
+        model, tok, template = load_start(ckpt, kernels="auto")
+        model.eval()
+        encoder = ChatEncoder(tok, template)
+        room = model.config.block_size - max_new_tokens
+        prompts = [encoder.prompt_ids(e.prompt, room) for e in examples]
+        answers[label] = [tok.decode(ids) for ids in
+                          generate_batch(model, prompts, max_new_tokens, tok.eos_id, tok.pad_id)]
+    rows = [{"prompt": e.prompt, "human": e.response, "before": b, "after": a}
+            for e, b, a in zip(examples, answers["before"], answers["after"])]
+    out.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -240,10 +265,11 @@ def print_summary(p: Pipeline) -> None:
         rows = [m for m in spin if m.get("iteration") == it and "rewards/margins" in m]
         print(f"SPIN iteration {it}: reward margin {rows[0]['rewards/margins']:.3f} -> {rows[-1]['rewards/margins']:.3f}, "
               f"accuracy {rows[-1].get('rewards/accuracies', float('nan')):.2f}")
-    samples = out / "spin" / "samples.json"
+    samples = out / "samples.json"
     if samples.exists():
-        for s in json.loads(samples.read_text())[:1]:
-            print(f"\nprompt: {s['prompt']}\n  before SPIN: {s['before']}\n  after SPIN:  {s['after']}")
+        for s in json.loads(samples.read_text())[:2]:
+            print(f"\nprompt:       {s['prompt']}\n  human:       {s['human'][:200]}\n"
+                  f"  before SPIN: {s['before'][:200]!r}\n  after SPIN:  {s['after'][:200]!r}")
     print(f"\npictures: {out / 'pretrain.png'}  {out / 'spin.png'}")
     print(f"HF export: {out / 'hf'} (transformers.LlamaForCausalLM.from_pretrained loads it)")
     total = time.time() - p.started
