@@ -2,7 +2,7 @@
 
 `apply_rope_reference` is the plain-PyTorch definition; `apply_rope` is the fused Triton
 version: one program rotates all query and key heads (GQA: different head counts) of a
-few tokens (one at TinyLlama's 32 x 64 heads), reading each token's cos/sin once. q and k
+few tokens (two at TinyLlama's 32 x 64 heads), reading each token's cos/sin once. q and k
 may be strided views of one fused qkv projection; they are read in place through their
 strides.
 
@@ -13,7 +13,7 @@ gradient is the inverse rotation of the incoming gradient. cos/sin get no gradie
 """
 import torch
 
-from kernels._triton_utils import check_float, check_launch, tl, triton
+from kernels._triton_utils import check_float, check_launch, num_warps_for, tl, triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _launch(q, k, cos, sin, inverse: bool):
     cs_sb = cos.stride(0) if cos.dim() == 3 else 0  # (T, D) tables broadcast over the batch
     block_hq, block_hk = triton.next_power_of_2(n_q), triton.next_power_of_2(max(n_k, 1))
     block_half = triton.next_power_of_2(D // 2)
-    # ~2048 query elements per program: one token at TinyLlama's 32 heads x 32, many for small models.
+    # ~2048 query elements per program: two tokens at TinyLlama's 32 heads x 32, more for small models.
     tile = block_hq * block_half
     block_t = max(1, min(64, 2048 // tile))
     n_tokens = B * T
@@ -104,7 +104,7 @@ def _launch(q, k, cos, sin, inverse: bool):
             *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
             cs_sb, cos.stride(-2), n_q, n_k, D // 2,
             BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, INVERSE=inverse,
-            num_warps=4 if block_t * tile >= 1024 else 1)
+            num_warps=num_warps_for(block_t * tile))
     return q_out, k_out
 
 

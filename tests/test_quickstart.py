@@ -1,0 +1,85 @@
+"""The README's first command, at its smallest setting: every stage runs for real and leaves
+valid output (shards readable, checkpoints that load, SPIN pairs, an HF directory that
+transformers loads with the same logits, pictures and sample answers)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_prep import iter_documents, list_shards, read_shard
+from model import Llama
+
+
+@pytest.fixture(scope="module")
+def quickstart_out(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    result = subprocess.run([sys.executable, "scripts/quickstart.py", "--size", "smoke", "--out", str(out)],
+                            cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_summary_reports_every_stage(quickstart_out):
+    _, stdout = quickstart_out
+    for line in ("tokens prepared", "pretraining loss", "validation loss", "SPIN iteration 0",
+                 "SPIN iteration 1", "before SPIN", "after SPIN", "HF export"):
+        assert line in stdout
+
+
+def test_token_shards_are_readable(quickstart_out):
+    out, _ = quickstart_out
+    vocab = Llama.load(out / "pretrain" / "final").config.vocab_size
+    for source in ("slimpajama", "starcoder"):
+        for split in ("train", "validation"):
+            shards = list_shards(out / "data" / source / split)
+            assert shards, f"no shards for {source}/{split}"
+            tokens = read_shard(shards[0])
+            assert tokens.size > 0 and int(tokens.max()) < vocab
+            summary = json.loads((out / "data" / source / split / "summary.json").read_text())
+            assert sum(len(d) for d in iter_documents(out / "data" / source / split)) == summary["tokens"]
+
+
+def test_checkpoints_load_and_pretraining_learned(quickstart_out):
+    out, _ = quickstart_out
+    metrics = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    for ckpt in ("pretrain/final", "sft/final", "spin/iter1", "spin/iter2"):
+        model = Llama.load(out / ckpt)
+        assert (out / ckpt / "tokenizer.model").is_file()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), ckpt
+
+
+def test_spin_pairs_and_rewards(quickstart_out):
+    out, _ = quickstart_out
+    for it in (0, 1):
+        pairs = [json.loads(line) for line in (out / "spin" / "work" / f"iter{it}" / "pairs.jsonl").read_text().splitlines()]
+        assert pairs
+        ids = [p["prompt_id"] for p in pairs]
+        assert len(ids) == len(set(ids)), "duplicated SPIN pairs"
+        assert all(p["real_ids"] != p["generated_ids"] and p["generated_ids"] for p in pairs)
+    rows = [json.loads(line) for line in (out / "spin" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["iteration"] for r in rows if "rewards/margins" in r} == {0, 1}
+
+
+def test_hf_export_loads_in_transformers(quickstart_out):
+    transformers = pytest.importorskip("transformers")
+    out, _ = quickstart_out
+    ours = Llama.load(out / "spin" / "iter2", kernels="torch")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
+    x = torch.randint(0, ours.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+    assert "chat_template" in json.loads((out / "hf" / "tokenizer_config.json").read_text())
+
+
+def test_pictures_and_samples(quickstart_out):
+    out, _ = quickstart_out
+    for png in ("pretrain.png", "spin.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = json.loads((out / "samples.json").read_text())
+    assert samples and all({"prompt", "human", "before", "after"} <= set(s) for s in samples)
