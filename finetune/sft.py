@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, required=True, help="pretrained checkpoint directory")
     p.add_argument("--data", type=Path, required=True, help="UltraChat-format .jsonl or .parquet")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model (default: CKPT/tokenizer.model)")
+    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model; overrides CKPT/tokenizer.model")
     p.add_argument("--num-examples", type=int, help="use only the first N rows")
     p.add_argument("--max-seq-len", type=int, help="default: the model's block_size")
     p.add_argument("--epochs", type=int, default=1)
@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--wandb-project", help="also log to this W&B project (offline by default)")
     p.add_argument("--wandb-mode", default="offline")
+    for action in p._actions:  # show every default in --help, not only of flags with a help text
+        if action.help is None:
+            action.help = " "
     return p.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
 
 Output layout:
     SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
+    SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
     SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration"
     SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
     SPIN_DIR/work/iter{t}/generations.rank{r}.jsonl   incremental, keyed by prompt "index"
@@ -59,6 +60,10 @@ from finetune.runtime import (MetricsLogger, build_fabric, clip_grad_norm, load_
 __all__ = ["spin_loss", "main"]
 
 STATE_FILE = "state.json"
+RUN_ARGS_FILE = "run_args.json"
+# Flags that change what the stored stages contain: a resumed run must use the same values.
+STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
+               "temperature", "top_p", "seed", "beta", "no_previous_pairs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, required=True, help="the SFT checkpoint θ0")
     p.add_argument("--data", type=Path, required=True, help="UltraChat-format .jsonl or .parquet (SFT data)")
     p.add_argument("--out", type=Path, required=True, help="output directory (re-run to resume)")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model (default: CKPT/tokenizer.model)")
+    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model; overrides CKPT/tokenizer.model")
     p.add_argument("--iterations", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=50000, help="first N rows of --data")
     # generation
@@ -102,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb-project")
     p.add_argument("--wandb-mode", default="offline")
     p.add_argument("--no-progress", action="store_true")
+    for action in p._actions:  # show every default in --help, not only of flags with a help text
+        if action.help is None:
+            action.help = " "
     return p.parse_args(argv)
 
 
@@ -167,6 +175,22 @@ class SpinRun:
         # Generation/reference run in the training precision's compute dtype (bf16 on GPUs by default).
         precision = getattr(self.fabric, "train_precision", None) or args.precision or ""
         self.gen_dtype = torch.bfloat16 if str(precision).startswith("bf16") else None
+
+    def check_run_args(self) -> None:
+        """Refuse to resume an output directory made with different stage-defining flags."""
+        path = self.args.out / RUN_ARGS_FILE
+        now = {k: str(getattr(self.args, k)) for k in STAGE_FLAGS}
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = [k for k in STAGE_FLAGS if k in before and before[k] != now[k]]
+            if changed:
+                k = changed[0]
+                raise ValueError(f"{path}: --{k.replace('_', '-')} was {before[k]} when this directory was started, "
+                                 f"now {now[k]}; use the same flags to resume, or a new --out")
+        elif self.rank == 0:
+            self.args.out.mkdir(parents=True, exist_ok=True)
+            _atomic_json(path, now)
+        self.fabric.barrier()
 
     # θt: --ckpt for t = 0, else our own iter{t}
     def model_dir(self, t: int) -> Path:
@@ -358,6 +382,7 @@ class SpinRun:
     # the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         args = self.args
+        self.check_run_args()
         state = read_state(args.out)
         done = int(state.get("completed_iterations", 0))
         if done >= args.iterations:

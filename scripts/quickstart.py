@@ -51,8 +51,8 @@ class Size:
 
 
 SIZES = {
-    "default": Size(corpus_mb=4.0, vocab_size=4096, model="nano", block_size=256, pretrain_steps=300,
-                    global_batch=16, micro_batch=8, sft_steps=150, spin_prompts=64, spin_iterations=2,
+    "default": Size(corpus_mb=4.0, vocab_size=4096, model="nano", block_size=256, pretrain_steps=160,
+                    global_batch=16, micro_batch=8, sft_steps=100, spin_prompts=64, spin_iterations=2,
                     max_new_tokens=48, chat_pairs=1500),
     "smoke": Size(corpus_mb=0.3, vocab_size=512, model="tiny", block_size=64, pretrain_steps=12,
                   global_batch=4, micro_batch=2, sft_steps=6, spin_prompts=8, spin_iterations=2,
@@ -85,6 +85,10 @@ class Pipeline:
         print(f"\n$ {' '.join(cmd)}", flush=True)
         env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
                    WANDB_DIR=str(self.out / "wandb"), PYTHONUNBUFFERED="1")
+        if not _has_cuda():
+            # One intra-op thread per process: on a small CPU, PyTorch's thread pool competing with
+            # data-loader workers (or anything else running) is several times slower than one thread.
+            env.setdefault("OMP_NUM_THREADS", "1")
         (self.out / "wandb").mkdir(parents=True, exist_ok=True)
         result = subprocess.run(cmd, cwd=REPO, env=env)
         if result.returncode != 0:
@@ -214,6 +218,12 @@ def write_tokenizer_text(corpus: Path, out: Path) -> None:
                 for _, text in reader.read_documents(path, BadInputReport(str(path), skip_bad=False)):
                     f.write(text.strip() + "\n")
     os.replace(tmp, out)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def write_samples(test_data: Path, before: Path, after: Path, out: Path, max_new_tokens: int,

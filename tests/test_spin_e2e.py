@@ -111,3 +111,7 @@ def test_spin_two_iterations_survive_a_kill(tiny_ckpt, chat_file, tmp_path):
     # a third run has nothing left to do
     r = run_cli("spin.py", *args)
     assert r.returncode == 0 and "already complete" in r.stdout
+    # resuming with flags that change the stored stages is refused, naming the flag
+    changed = [a if a != 48 else 40 for a in args]
+    r = run_cli("spin.py", *changed)
+    assert r.returncode != 0 and "--num-prompts was 48" in r.stderr
