@@ -23,10 +23,14 @@ def load_start(ckpt, tokenizer=None, kernels: str = "auto"):
 
 
 def save_finetuned(fabric, model, directory, tok: Tokenizer, template: ChatTemplate) -> Path:
-    """Consolidated weights + tokenizer (collective: every rank calls it), then the template."""
+    """Consolidated weights + tokenizer + template, written as one directory (collective: every rank calls it)."""
+    import tempfile
+
+    from finetune.chat import JINJA_FILE, TEMPLATE_FILE
+
     directory = Path(directory)
-    save_consolidated(fabric, model, directory, tokenizer=tok.path)
-    if fabric.global_rank == 0:
-        template.save(directory)
-    fabric.barrier()
+    with tempfile.TemporaryDirectory() as tmp:
+        template.save(tmp)
+        extra = {name: Path(tmp) / name for name in (TEMPLATE_FILE, JINJA_FILE)}
+        save_consolidated(fabric, model, directory, tokenizer=tok.path, extra_files=extra)
     return directory

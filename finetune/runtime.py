@@ -82,8 +82,8 @@ except ImportError:
                 tmp = directory / f".tokenizer.model.tmp-{os.getpid()}"
                 shutil.copyfile(tokenizer, tmp)
                 os.replace(tmp, directory / "tokenizer.model")
-            for f in extra_files or []:
-                shutil.copyfile(f, directory / Path(f).name)
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, directory / name)
         fabric.barrier()
 
     def load_model_from_any(path, kernels="auto"):

@@ -40,7 +40,9 @@ def test_token_shards_are_readable(quickstart_out):
             tokens = read_shard(shards[0])
             assert tokens.size > 0 and int(tokens.max()) < vocab
             summary = json.loads((out / "data" / source / split / "summary.json").read_text())
-            assert sum(len(d) for d in iter_documents(out / "data" / source / split)) == summary["tokens"]
+            docs = list(iter_documents(out / "data" / source / split))  # EOS removed
+            assert len(docs) == summary["documents"] > 0
+            assert sum(len(d) + 1 for d in docs) == summary["tokens"]
 
 
 def test_checkpoints_load_and_pretraining_learned(quickstart_out):
