@@ -38,11 +38,17 @@ class ChatTemplate:
     assistant_header: str = "\n<|assistant|>\n"
 
     def jinja(self) -> str:
-        """The same layout as a transformers chat template (first-turn-per-message rendering)."""
+        """The same layout as a transformers chat template, giving the same token ids.
+
+        We encode header, prompt, header and response as separate sentencepiece calls, and
+        each call starts with sentencepiece's dummy-prefix space; HF tokenizes the rendered
+        string in one go and adds no space after BOS. A space before each segment in the
+        rendered text reproduces our ids exactly (tests/test_finetune_chat.py checks it).
+        """
         u, a = json.dumps(self.user_header), json.dumps(self.assistant_header)
         return ("{{ bos_token }}{% for message in messages %}"
-                "{% if message['role'] == 'user' %}{{ " + u + " + message['content'] + " + a + " }}"
-                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ ' ' + " + u + " + ' ' + message['content'] + ' ' + " + a + " }}"
+                "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
                 "{% endfor %}")
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -78,3 +78,26 @@ def test_tokenizer_larger_than_model_vocab_is_error(tiny_tokenizer, tmp_path):
         load_tokenizer(override=tiny_tokenizer, model_vocab_size=256)
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         load_tokenizer(ckpt=tmp_path)
+
+
+@pytest.mark.parametrize("which", ["tiny", "llama2"])
+def test_hf_chat_template_gives_our_token_ids(which, tiny_tokenizer, tmp_path):
+    """A model served through transformers/vLLM sees exactly the ids it was trained on."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import LLAMA2_TOKENIZER
+    from model.hf import save_hf_tokenizer
+
+    path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER
+    if not path.exists():
+        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
+    tok, template = load_tokenizer(override=path), ChatTemplate()
+    save_hf_tokenizer(path, tmp_path, chat_template=template.jinja())
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    encoder = ChatEncoder(tok, template)
+    for prompt, answer in [("What does `json.dumps` do?", "Serialize obj to a JSON formatted str."),
+                           ("add 3 4", "3 + 4 = 7"), ("two\nlines of prompt", "a\nb"), ("日本語 ✓ café", "ok")]:
+        prompt_ids, response_ids = encoder.encode_example(prompt, answer, 200)
+        user = [{"role": "user", "content": prompt}]
+        rendered = hf.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True)
+        rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        assert list(rendered) == prompt_ids + response_ids, prompt
