@@ -15,7 +15,8 @@ import zstandard
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_local_corpus.py"
-ARGS = ["--max-mb", "0.5", "--chat-pairs", "200", "--seed", "3"]
+SEED, VAL_FRACTION = 3, 0.05  # 0.05 is the builder's default --val-fraction
+ARGS = ["--max-mb", "0.5", "--chat-pairs", "200", "--seed", str(SEED), "--val-fraction", str(VAL_FRACTION)]
 
 
 def _load_script():
@@ -120,9 +121,16 @@ def test_validation_is_disjoint_from_train(corpus):
     train_titles = {d["text"].split("\n", 1)[0] for d in slimpajama(corpus, "train")
                     if d["meta"]["redpajama_set_name"] == "RedPajamaWikipedia"}
     assert not val_modules & train_titles
+    # A question belongs to the longest module name it starts with (`distutils.spawn.spawn`
+    # is module distutils.spawn, split independently of the package distutils), and that
+    # module's split, by the builder's own rule, must be train.
+    files = mlc.list_stdlib_files(mlc.stdlib_root())
+    split = {mlc.module_name(f): mlc.split_of(f"stdlib:{f}", SEED, VAL_FRACTION) for f in files}
     for q in prompts("train.jsonl"):
         name = q.split("`")[1]
-        assert not any(name.startswith(m + ".") for m in val_modules)
+        owners = [m for m in split if name.startswith(m + ".")]
+        assert owners, q
+        assert split[max(owners, key=len)] == "train", q
 
 
 def test_budget_and_summary(corpus):
