@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--precision", default=None, help="e.g. bf16-mixed, bf16-true, 32-true")
+    p.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: bf16-mixed on CUDA, 32-true on CPU)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--wandb-project", help="also log to this W&B project (offline by default)")
     p.add_argument("--wandb-mode", default="offline")
