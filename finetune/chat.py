@@ -25,6 +25,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from finetune.files import write_text
 from finetune.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
@@ -54,8 +55,8 @@ class ChatTemplate:
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / TEMPLATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
-        _atomic_write(directory / JINJA_FILE, self.jinja())
+        write_text(directory / TEMPLATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        write_text(directory / JINJA_FILE, self.jinja())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ChatTemplate":
@@ -70,10 +71,6 @@ class ChatTemplate:
             raise ValueError(f"{path}: expected {{\"user_header\": ..., \"assistant_header\": ...}} ({e})") from e
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- reading chat data -------------------------------------------------------------------

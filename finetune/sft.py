@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> Path:
     encoder = ChatEncoder(tok, template)
     examples = read_chat(args.data, limit=args.num_examples)
     rows = tokenize_rows(examples, encoder, max_len)
-    accum = check_batch_sizes(args.global_batch_size, args.micro_batch_size, fabric.world_size)
+    check_batch_sizes(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     steps_per_epoch = len(epoch_batches(len(rows), args.global_batch_size, args.seed, 0))
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,8 @@ from tqdm import tqdm
 from finetune.batching import check_batch_sizes, epoch_batches, lr_at, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
-from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_resumable
+from finetune.files import write_json, write_jsonl, write_torch
+from finetune.generate import generate_to_file, merge_generation_files, rank_slice
 from finetune.losses import sequence_logps, spin_loss
 from finetune.runtime import (MetricsLogger, build_fabric, clip_grad_norm, load_model_from_any,
                               setup_model)
@@ -114,28 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- small file helpers --------------------------------------------------------------------
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _atomic_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _atomic_torch(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def read_state(out: Path) -> dict:
@@ -189,7 +171,7 @@ class SpinRun:
                                  f"now {now[k]}; use the same flags to resume, or a new --out")
         elif self.rank == 0:
             self.args.out.mkdir(parents=True, exist_ok=True)
-            _atomic_json(path, now)
+            write_json(path, now)
         self.fabric.barrier()
 
     # θt: --ckpt for t = 0, else our own iter{t}
@@ -253,8 +235,8 @@ class SpinRun:
                               "real_ids": real, "generated_ids": generated})
             stats = {"pairs": len(pairs), "dropped_identical": identical, "dropped_empty": empty,
                      "prompts": len(self.examples), **self.encoder.stats.as_dict()}
-            _atomic_json(work / "pairs_stats.json", stats)
-            _atomic_jsonl(work / "pairs.jsonl", pairs)  # last: its existence marks the stage done
+            write_json(work / "pairs_stats.json", stats)
+            write_jsonl(work / "pairs.jsonl", pairs)  # last: its existence marks the stage done
             self.log(t, {f"pairs/{k}": v for k, v in stats.items()})
             self.fabric.print(f"iter{t}: {stats}")
         self.fabric.barrier()
@@ -289,7 +271,7 @@ class SpinRun:
             chunk = [pairs[i] for i in mine[start:start + bs]]
             r, g = self.policy_logps(net, chunk)
             real[start:start + len(chunk)], generated[start:start + len(chunk)] = r.float().cpu(), g.float().cpu()
-        _atomic_torch(work / f"ref_logps.rank{self.rank}.pt",
+        write_torch(work / f"ref_logps.rank{self.rank}.pt",
                       {"keys": [(pairs[i]["source_iteration"], pairs[i]["index"]) for i in mine],
                        "real": real, "generated": generated})
         self.fabric.barrier()
@@ -298,7 +280,7 @@ class SpinRun:
             merged = {"keys": [k for p in parts for k in p["keys"]],
                       "real": torch.cat([p["real"] for p in parts]),
                       "generated": torch.cat([p["generated"] for p in parts])}
-            _atomic_torch(final, merged)
+            write_torch(final, merged)
         self.fabric.barrier()
 
     def policy_logps(self, model, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +387,7 @@ class SpinRun:
             cached.clear()  # free θt before the policy is built: one model in memory while training
             self.train(t, pairs)
             if self.rank == 0:
-                _atomic_json(args.out / STATE_FILE, {"completed_iterations": t + 1})
+                write_json(args.out / STATE_FILE, {"completed_iterations": t + 1})
                 self.log(t, {"iteration_done": t + 1})
             self.fabric.barrier()
             self.fabric.print(f"saved {self.model_dir(t + 1)}")

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
 
     results = {}
     runs = [("SFT θ0 (plateau)", sft / "final", "none"),
-            (f"SFT θ0 + more SFT", more / "final", f"{args.extra_epochs} epochs x {len(train)} rows")]
+            ("SFT θ0 + more SFT", more / "final", f"{args.extra_epochs} epochs x {len(train)} rows")]
     runs += [(f"SPIN iter{t}", spin / f"iter{t}",
               f"{t} iteration(s) x {args.spin_epochs} epochs x {args.spin_prompts}(+prev) pairs")
              for t in range(1, args.iterations + 1)]
