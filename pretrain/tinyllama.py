@@ -28,7 +28,7 @@ from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, reso
                                  save_training_checkpoint, step_dir_name)
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
                            validation_indices)
-from pretrain.metrics import MetricsLogger, measure_peak_memory_gb, peak_flops_per_second
+from pretrain.metrics import MetricsLogger, measure_peak_memory_gb, measure_peak_reserved_gb, peak_flops_per_second
 from pretrain.parallel import PRECISIONS, build_fabric, clip_grad_norm, default_precision, launch, setup_model
 from pretrain.schedule import lr_at
 
@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--out", required=True, help="output directory (checkpoints/, final/, metrics.jsonl)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="keep the newest K checkpoints; 0 keeps all")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no checkpoint and no final model (throughput benchmarks, throwaway runs)")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': newest complete checkpoint in OUT/checkpoints (fresh start if none); or a path")
     g.add_argument("--stop-after-steps", type=int, default=None,
@@ -317,6 +319,7 @@ def train(args) -> int:
                     "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / world,
                     "mfu": (flops_per_token * tps / (peak * world)) if peak else None,
                     "peak_memory_gb": measure_peak_memory_gb(fabric.device),
+                    "peak_reserved_gb": measure_peak_reserved_gb(fabric.device),
                     "data_wait_share": window_wait / elapsed,
                     "tokens_seen": train_state["tokens_seen"], "skipped_steps": train_state["skipped_steps"],
                 }
@@ -335,7 +338,7 @@ def train(args) -> int:
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
                 window_start = time.perf_counter()  # validation time is not training throughput
 
-            if step % args.save_every == 0 and step != end_step:
+            if step % args.save_every == 0 and step != end_step and not args.no_save:
                 save(step)
                 last_saved = step
             # Every rank must agree to stop, or the collectives of the save would hang.
@@ -349,6 +352,10 @@ def train(args) -> int:
         if progress is not None:
             progress.close()
 
+    if args.no_save:
+        fabric.print(f"--no-save: stopped after {step} steps; nothing written but {out / 'metrics.jsonl'}")
+        logger.close()
+        return 0
     if last_saved != step:
         save(step)
     if exit_reason == "signal":
