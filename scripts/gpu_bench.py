@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .` (e.g. a borrowed GPU)
 SECTIONS = ("train", "generate", "kernels")
 
 # Targets from the project's issue and DESIGN.md; reported beside the figures, never asserted.
