@@ -380,13 +380,16 @@ def write_report(out: Path, result: dict) -> None:
 
 
 def versions() -> dict:
+    from importlib import metadata
+
     found = {}
-    for name in ("torch", "triton", "transformers", "lightning", "liger_kernel", "flash_attn"):
+    for module, dist in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+                         ("lightning", "lightning"), ("liger_kernel", "liger-kernel"), ("flash_attn", "flash-attn")):
         try:
-            module = __import__(name)
-            found[name] = getattr(module, "__version__", "present")
+            __import__(module)  # importable, not only installed: a broken wheel counts as absent
+            found[module] = metadata.version(dist)
         except Exception:  # reported as absent: a missing optional package is a fact of the run
-            found[name] = None
+            found[module] = None
     return found
 
 
