@@ -259,8 +259,59 @@ def section_kernels(opts, deadline: float) -> dict:
         rows += bk.run_case(case, device, rep, copy_gbs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    attn = attention_backends(device, cuda, shapes, deadline, rep)
     return dict(copy_gbs=copy_gbs, matmul_tflops=matmul_tflops(device, cuda), liger=bk._liger() is not None,
-                rows=rows, skipped=skipped, summary=bk.summarize(rows))
+                rows=rows, skipped=skipped, summary=bk.summarize(rows), attention=attn)
+
+
+def attention_backends(device, cuda: bool, shapes: dict, deadline: float, rep: int) -> list[dict]:
+    """Causal GQA attention of one training micro-batch, forward + backward, per SDPA backend.
+
+    The model calls SDPA with enable_gqa (32 query heads share 4 KV heads) and lets PyTorch
+    pick; this shows what it picked costs against each backend forced, with K/V repeated
+    for the backends that do not take GQA. TFLOP/s counts the causal half only.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bk = sys.modules["bench_kernels"]
+    B, T = (8 if cuda else 1), shapes["seq"]
+    hq, hk, D = shapes["n_head"], shapes["n_kv_head"], shapes["head_dim"]
+    flops = 3.5 * 2 * B * hq * T * T * D  # causal forward 2·B·H·T²·D, backward 2.5x the forward
+    dtype = torch.bfloat16 if cuda else torch.float32
+    q = torch.randn(B, hq, T, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, hk, T, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, hk, T, D, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(B, hq, T, D, device=device, dtype=dtype)
+    variants = [("auto, enable_gqa (what the model runs)", None, True)]
+    if cuda:
+        variants += [("flash, enable_gqa", SDPBackend.FLASH_ATTENTION, True),
+                     ("cudnn, K/V repeated", SDPBackend.CUDNN_ATTENTION, False),
+                     ("efficient, K/V repeated", SDPBackend.EFFICIENT_ATTENTION, False)]
+    rows = []
+    for name, backend, gqa in variants:
+        if time.perf_counter() > deadline:
+            rows.append(dict(variant=name, error="skipped (time budget)"))
+            continue
+
+        def step(backend=backend, gqa=gqa):
+            kk, vv = (k, v) if gqa else (k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1))
+            if backend is None:
+                y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            else:
+                with sdpa_kernel(backend):
+                    y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            y.backward(dy)
+        row = dict(variant=name, batch=B, seq=T)
+        try:
+            step()
+            row["ms"] = bk.time_ms(step, (q, k, v), device, rep)
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        except Exception as e:  # a backend that refuses these shapes is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        rows.append(row)
+    return rows
 
 
 def matmul_tflops(device, cuda: bool) -> float | None:
@@ -331,6 +382,11 @@ def format_kernels(k: dict) -> str:
                      f"{_fmt(r.get('peak_mb'), ',.0f')} |")
     if k["skipped"]:
         lines.append(f"\nskipped (time budget): {', '.join(k['skipped'])}")
+    if k.get("attention"):
+        lines += ["", "| causal GQA attention, fwd+bwd | ms | TFLOP/s |", "|---|---|---|"]
+        for r in k["attention"]:
+            lines.append(f"| {r['variant']} | " + (f"error: {r['error']} | |" if "error" in r else
+                                                   f"{r['ms']:.3f} | {r['tflops']:.0f} |"))
     return "\n".join(lines)
 
 
