@@ -151,9 +151,13 @@ def run_train_setting(setting: TrainSetting, opts, data: list[str], work: Path, 
         cmd.append("--activation-checkpointing")
     if setting.compile:
         cmd.append("--compile")
+    profiled = setting.name in opts.profile
+    if profiled:  # one step more, profiled and left out of the median; its op table goes to the log
+        cmd[cmd.index("--max-steps") + 1] = str(steps + 1)
+        cmd += ["--profile-step", str(steps + 1)]
     row = dict(setting=setting.name, **asdict(setting), tokens_per_step=setting.micro_batch * config.block_size)
     code, text, seconds = run_child(cmd, deadline - time.perf_counter())
-    log(f"===== {setting.name}: exit {code}, {seconds:.1f} s\n$ {' '.join(cmd)}\n{text[-6000:]}\n")
+    log(f"===== {setting.name}: exit {code}, {seconds:.1f} s\n$ {' '.join(cmd)}\n{text[-16000:]}\n")
     row["wall_s"] = round(seconds, 1)
     if code is None:
         row["status"] = "cut (time budget)"
@@ -168,7 +172,7 @@ def run_train_setting(setting: TrainSetting, opts, data: list[str], work: Path, 
     metrics_file = out / "metrics.jsonl"
     records = [json.loads(ln) for ln in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     steps_logged = [r for r in records if "tokens_per_sec" in r]
-    measured = [r for r in steps_logged if r["step"] > opts.warmup_steps]
+    measured = [r for r in steps_logged if opts.warmup_steps < r["step"] <= steps]
     if measured:
         tps = _median([r["tokens_per_sec"] for r in measured])
         mfu = _median([r.get("mfu") for r in measured])
@@ -485,6 +489,9 @@ def parse_args(argv=None):
     g.add_argument("--micro-batches", default="4,8,16", help="micro-batch sizes, comma-separated")
     g.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the median")
     g.add_argument("--measure-steps", type=int, default=4, help="steps in the median")
+    g.add_argument("--profile", default="mb8",
+                   help="settings (comma-separated names such as mb8, mb16-ac) to profile one extra step of; "
+                        "the op tables land in train_logs.txt")
     g.add_argument("--min-eager-s", type=float, default=25.0, help="start an eager setting only with this much time left")
     g.add_argument("--min-compile-s", type=float, default=75.0, help="start a compiled setting only with this much left")
     g = p.add_argument_group("time kept for the later sections")
@@ -509,7 +516,9 @@ def parse_args(argv=None):
         args.kernel_batches = [int(b) for b in args.kernel_batches.split(",")]
     except ValueError:
         p.error("--micro-batches and --kernel-batches take comma-separated integers")
+    args.profile = [s.strip() for s in args.profile.split(",") if s.strip()]
     if args.smoke:
+        args.profile = ["mb1"]
         # Tiny model and shapes; the CPU runs everything through the same code paths.
         args.config, args.block_size, args.micro_batches = "tiny", None, [1, 2]
         args.warmup_steps, args.measure_steps = 1, 2
