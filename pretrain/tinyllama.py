@@ -319,6 +319,7 @@ def train(args) -> int:
                     "peak_memory_gb": measure_peak_memory_gb(fabric.device),
                     "data_wait_share": window_wait / elapsed,
                     "tokens_seen": train_state["tokens_seen"], "skipped_steps": train_state["skipped_steps"],
+                    **sampler.source_epochs(train_state["next_sample_index"]),  # epoch/<k>: passes over source k
                 }
                 logger.log(metrics, step)
                 if progress is not None:
