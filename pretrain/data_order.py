@@ -10,7 +10,7 @@ more than 1 - σ ahead of t·w_s (σ = 1 / (2K - 2)), the one whose next sample 
 first, ties to the lower index. Its guarantee: after every n samples each source has
 |count_s(n) - n·w_s| <= 1 - σ < 1. For two sources (σ = 1/2) this is Bresenham's line, the
 rule "the source furthest behind n·w_s goes next": count_0(n) = floor(n·w_0 + 1/2). For six
-or more sources that simpler rule can fall more than one sample behind, which is why the
+or more sources that simpler rule can drift more than one sample from n·w_s, which is why the
 deadline form is used. After D samples every count is exactly n·w_s, so the order repeats
 with period D: one pass over a period at construction gives, for every i in O(1), the source
 and the number of earlier samples of the same source.

@@ -87,14 +87,17 @@ def test_interleave_counts_stay_within_one_of_the_shares(weights):
     assert interleave.samples_per_source(n) == counts[n].tolist()
 
 
-def test_two_sources_follow_bresenhams_line():
-    # For two sources the rule is "whoever is further behind n·w goes next": count_0(n) = floor(0.7 n + 1/2).
-    interleave = SourceInterleave([0.7, 0.3])
-    assert interleave.counts == [7, 3] and interleave.period == 10
-    count = 0
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1], [0.5, 0.25], [0.123, 0.877]])
+def test_two_sources_follow_bresenhams_line(weights):
+    # For two sources the rule is "whoever is further behind n·w goes next" (ties to source 0):
+    # source 0 has floor(n·w_0 + 1/2) of the first n samples.
+    interleave = SourceInterleave(weights)
+    (a, b), count = interleave.counts, 0
+    assert a / (a + b) == pytest.approx(weights[0] / sum(weights))
     for i in range(10_000):
         count += interleave.locate(i)[0] == 0
-        assert count == (7 * (i + 1) + 5) // 10
+        assert count == (2 * (i + 1) * a + a + b) // (2 * (a + b))
+    assert SourceInterleave([0.7, 0.3]).counts == [7, 3]
 
 
 def test_weights_whose_period_is_too_long_are_refused(tmp_path):
