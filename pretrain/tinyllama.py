@@ -356,6 +356,7 @@ def train(args) -> int:
                     "peak_reserved_gb": measure_peak_reserved_gb(fabric.device),
                     "data_wait_share": window_wait / elapsed,
                     "tokens_seen": train_state["tokens_seen"], "skipped_steps": train_state["skipped_steps"],
+                    **sampler.source_epochs(train_state["next_sample_index"]),  # epoch/<k>: passes over source k
                 }
                 logger.log(metrics, step)
                 if progress is not None:
