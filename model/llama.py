@@ -87,7 +87,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None):
+    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
+                documents=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
@@ -96,7 +97,7 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer_idx, k, v, cache_slots)
         elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, mask=mask)
+        y = attention(q, k, v, mask=mask, documents=documents)
         return self.proj(y.reshape(B, T, C))
 
 
@@ -119,8 +120,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None):
-        x = x + self.attn(self.attn_norm(x, backend), cos, sin, backend, cache, mask, cache_slots)
+    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
+                documents=None):
+        x = x + self.attn(self.attn_norm(x, backend), cos, sin, backend, cache, mask, cache_slots, documents)
         return x + self.mlp(self.mlp_norm(x, backend), backend)
 
 
@@ -169,7 +171,8 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 ignore_index: int = -100, z_loss: float = 0.0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                last_logits_only: bool = False, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                last_logits_only: bool = False, cache_slots: torch.Tensor | None = None,
+                document_eos: int | None = None, document_backend: str = "auto") -> torch.Tensor:
         """Logits (B, T, vocab), or with `targets` (B, T) the mean next-token loss.
 
         Decoding: pass a `cache` from `make_kv_cache`; the tokens are appended at the cache's
@@ -182,12 +185,28 @@ class Llama(nn.Module):
         to theirs, over the cache's full length; `cache.length` is left alone and nothing
         waits for the device, so the step can be captured in a CUDA graph. The caller keeps
         positions and slots within the context and the cache.
+
+        Attention within documents (`document_eos`, training and scoring only): each token
+        attends to earlier tokens of its own document (documents end with that EOS id) and
+        its RoPE position counts from the document's start, so each document is computed as
+        if alone (model/document_mask.py; `document_backend` forces a kernel).
         """
         B, T = input_ids.shape
         backend = kernels.resolve_backend(self.kernels, input_ids.device)
         start = cache.length if cache is not None else 0
         rope_cos, rope_sin = self.rope_tables(input_ids.device)
-        if cache_slots is not None:
+        documents = None
+        if document_eos is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("document_eos (attention within documents) is for training and scoring; "
+                                 "it cannot be combined with a KV cache or explicit positions")
+            from model.document_mask import Documents, document_attention_backend
+
+            kernel = document_attention_backend(input_ids.device, self.lm_head.weight.dtype, document_backend)
+            documents = Documents(input_ids, document_eos, kernel)
+            positions = documents.positions
+            cos, sin = rope_cos[positions], rope_sin[positions]
+        elif cache_slots is not None:
             if cache is None or positions is None:
                 raise ValueError("cache_slots (static decoding) needs a cache and per-row positions")
             cos, sin = rope_cos[positions], rope_sin[positions]
@@ -213,7 +232,7 @@ class Llama(nn.Module):
 
         x = self.embed(input_ids)
         for block in self.layers:
-            x = block(x, cos, sin, backend, cache, mask, cache_slots)
+            x = block(x, cos, sin, backend, cache, mask, cache_slots, documents)
         if cache is not None and cache_slots is None:
             cache.length += T
         x = self.norm(x, backend)

@@ -80,6 +80,7 @@ class _Source:
                                 f"{vocab_size}; pass --vocab-size {header.vocab_size} (or a larger value)")
             shards.append((path, header))
         self.num_shards = len(shards)
+        self.eos_ids = sorted({header.eos_id for _, header in shards})
         self.stream = ShardStream(shards)
         self.num_tokens = self.stream.num_tokens
         if self.num_tokens < block_size + 1:
@@ -107,6 +108,15 @@ class MixtureSampler:
             raise DataError(f"--data weights: {e}") from e
         weights = np.asarray(self.interleave.counts, dtype=np.float64)
         self.weights = weights / weights.sum()
+
+    def eos_id(self) -> int:
+        """The EOS id that ends every document in every source (attention within documents needs it)."""
+        ids = sorted({e for src in self.sources for e in src.eos_ids})
+        if len(ids) != 1:
+            where = ", ".join(f"{src.directory}: {src.eos_ids}" for src in self.sources)
+            raise DataError(f"the shards do not agree on one EOS id ({where}); tokenize every source with the "
+                            f"same tokenizer")
+        return ids[0]
 
     def source_and_start(self, index: int) -> tuple[int, int]:
         """(source number, first token of sample `index`'s window in that source's stream)."""

@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocab size (match your tokenizer)")
     g.add_argument("--block-size", type=int, default=None, help="context length; default: the preset's")
     g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="kernel backend")
+    g.add_argument("--document-mask", action="store_true",
+                   help="attend only within each document of a window (documents end with the shards' EOS) "
+                        "and restart RoPE positions at each document; see docs/pretrain.md")
+    g.add_argument("--document-attention", default="auto", choices=["auto", "flash-varlen", "flex", "sdpa-mask"],
+                   help="kernel for --document-mask; auto: flash-attn varlen, else flex_attention on CUDA, "
+                        "else SDPA with a dense mask")
     g.add_argument("--tokenizer", default=None,
                    help="sentencepiece model copied into every checkpoint and final/ as tokenizer.model")
     g = p.add_argument_group("data")
@@ -189,13 +195,13 @@ def make_optimizer(model, args) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validate(fabric, model, sampler: MixtureSampler, args) -> float:
+def validate(fabric, model, sampler: MixtureSampler, args, model_kwargs: dict) -> float:
     model.eval()
     total = torch.zeros((), device=fabric.device)
     batches = validation_indices(args.val_batches, args.micro_batch_size, fabric.global_rank, fabric.world_size)
     for indices in batches:
         x, y = sampler.batch(indices)
-        total += model(x.to(fabric.device), targets=y.to(fabric.device)).float()
+        total += model(x.to(fabric.device), targets=y.to(fabric.device), **model_kwargs).float()
     model.train()
     mean = fabric.all_reduce(total / max(1, len(batches)), reduce_op="mean")
     return float(mean)
@@ -273,6 +279,19 @@ def train(args) -> int:
                  f"{world} rank(s) x {accum} micro-batch(es) of {args.micro_batch_size} = "
                  f"{args.global_batch_size} sequences ({tokens_per_step:,} tokens) per step; precision {precision}")
     fabric.print(f"data: {sampler.describe()}")
+    document_kwargs: dict = {}
+    if args.document_mask:
+        from model.document_mask import document_attention_backend
+
+        eos = sampler.eos_id()
+        if val_sampler is not None and val_sampler.eos_id() != eos:
+            raise DataError(f"validation shards end documents with EOS {val_sampler.eos_id()}, training shards "
+                            f"with {eos}; tokenize both with the same tokenizer")
+        kernel = document_attention_backend(fabric.device, torch.bfloat16 if precision == "bf16-mixed"
+                                            else torch.float32, args.document_attention)
+        document_kwargs = {"document_eos": eos, "document_backend": kernel}
+        fabric.print(f"attention within documents (EOS id {eos}): kernel {kernel}; RoPE positions restart "
+                     f"at each document")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     fabric.print(f"FSDP2: rank 0 holds {local:,} of {config.num_params:,} parameter elements")
 
@@ -306,7 +325,7 @@ def train(args) -> int:
                 x, y = next(batches)
                 x, y = x.to(fabric.device, non_blocking=True), y.to(fabric.device, non_blocking=True)
                 window_wait += time.perf_counter() - t0
-                loss = model(x, targets=y)
+                loss = model(x, targets=y, **document_kwargs)
                 if step + 1 in nan_steps:
                     loss = loss * float("nan")
                 # Equal-length windows with no ignored tokens: the mean of micro-batch means is the
@@ -368,7 +387,7 @@ def train(args) -> int:
                 progress.update(1)
 
             if val_sampler is not None and (step % args.val_every == 0 or step == args.max_steps):
-                val_loss = validate(fabric, model, val_sampler, args)
+                val_loss = validate(fabric, model, val_sampler, args, document_kwargs)
                 logger.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
                 window_start = time.perf_counter()  # validation time is not training throughput

@@ -63,22 +63,25 @@ class TrainSetting:
     micro_batch: int
     activation_checkpointing: bool = False
     compile: bool = False
+    document_mask: bool = False
 
     @property
     def name(self) -> str:
         return f"mb{self.micro_batch}" + ("-ac" if self.activation_checkpointing else "") + \
-            ("-compile" if self.compile else "")
+            ("-compile" if self.compile else "") + ("-docmask" if self.document_mask else "")
 
 
 def train_settings(micro_batches: list[int], smoke: bool) -> list[TrainSetting]:
     """The grid in the order it is run, most informative first, so a short budget cuts the tail.
 
-    The smoke grid covers every path (plain, checkpointed, compiled, both) at the two
-    smallest micro-batches instead of the whole product.
+    The smoke grid covers every path (plain, checkpointed, compiled, both, attention within
+    documents) at the two smallest micro-batches instead of the whole product. Attention
+    within documents runs once, at the middle size, after the plain settings.
     """
     if smoke:
         a, b = micro_batches[0], micro_batches[-1]
-        return [TrainSetting(a), TrainSetting(b, True), TrainSetting(a, False, True), TrainSetting(b, True, True)]
+        return [TrainSetting(a), TrainSetting(b, True), TrainSetting(a, False, True), TrainSetting(b, True, True),
+                TrainSetting(b, document_mask=True)]
     grid = [TrainSetting(mb, ac, c) for c in (False, True) for ac in (False, True) for mb in micro_batches]
     middle = micro_batches[len(micro_batches) // 2]
 
@@ -86,11 +89,17 @@ def train_settings(micro_batches: list[int], smoke: bool) -> list[TrainSetting]:
         # eager first (the default), then compile, then checkpointing; the middle size first in each.
         return (s.compile and s.activation_checkpointing, s.activation_checkpointing and not s.compile,
                 s.compile, s.micro_batch != middle, s.micro_batch)
-    return sorted(grid, key=priority)
+    ordered = sorted(grid, key=priority)
+    return ordered[:len(micro_batches)] + [TrainSetting(middle, document_mask=True)] + ordered[len(micro_batches):]
 
 
-def make_shards(root: Path, vocab_size: int, tokens_per_source: int, seed: int = 0) -> list[str]:
-    """Two synthetic sources of random token ids, in data_prep's shard format; returns --data values."""
+def make_shards(root: Path, vocab_size: int, tokens_per_source: int, seed: int = 0,
+                mean_doc_tokens: int = 1000) -> list[str]:
+    """Two synthetic sources of random token ids, in data_prep's shard format; returns --data values.
+
+    EOS (id 2) ends documents of geometric lengths averaging `mean_doc_tokens` (SlimPajama's
+    documents average about 1,000 tokens), which is what attention within documents sees.
+    """
     from data_prep.shards import write_shard
 
     rng = np.random.default_rng(seed)
@@ -100,7 +109,9 @@ def make_shards(root: Path, vocab_size: int, tokens_per_source: int, seed: int =
         directory.mkdir(parents=True, exist_ok=True)
         for shard in range(2):
             tokens = rng.integers(3, vocab_size, tokens_per_source // 2, dtype=np.int64)
-            write_shard(directory / f"{name}_{shard:05d}.bin", tokens, vocab_size=vocab_size, eos_id=2, num_docs=1)
+            tokens[rng.random(tokens.size) < 1 / mean_doc_tokens] = 2
+            write_shard(directory / f"{name}_{shard:05d}.bin", tokens, vocab_size=vocab_size, eos_id=2,
+                        num_docs=int((tokens == 2).sum()))
         specs.append(f"{directory}:{weight}")
     return specs
 
@@ -151,6 +162,8 @@ def run_train_setting(setting: TrainSetting, opts, data: list[str], work: Path, 
         cmd.append("--activation-checkpointing")
     if setting.compile:
         cmd.append("--compile")
+    if setting.document_mask:
+        cmd.append("--document-mask")
     profiled = setting.name in opts.profile
     if profiled:  # one step more, profiled and left out of the median; its op table goes to the log
         cmd[cmd.index("--max-steps") + 1] = str(steps + 1)
@@ -201,7 +214,9 @@ def section_train(opts, work: Path, deadline: float, log) -> dict:
     config = Config.from_name(opts.config, **({"block_size": opts.block_size} if opts.block_size else {}))
     # Enough tokens that no window repeats within a setting's steps (the sampler reads windows).
     need = max(opts.micro_batches) * (config.block_size + 1) * (opts.warmup_steps + opts.measure_steps)
-    data = make_shards(work / "data", config.vocab_size, max(4 * need, 1 << 16))
+    # Smoke windows are 129 tokens: shorter documents, so a window holds several.
+    data = make_shards(work / "data", config.vocab_size, max(4 * need, 1 << 16),
+                       mean_doc_tokens=40 if opts.smoke else 1000)
     rows = []
     for setting in train_settings(opts.micro_batches, opts.smoke):
         left = deadline - time.perf_counter()

@@ -23,18 +23,18 @@ def _load():
 def test_full_grid_is_every_setting_once_plain_first():
     gb = _load()
     grid = gb.train_settings([4, 8, 16], smoke=False)
-    assert len(grid) == len(set(grid)) == 12
-    assert {(s.micro_batch, s.activation_checkpointing, s.compile) for s in grid} == \
+    assert len(grid) == len(set(grid)) == 13
+    assert {(s.micro_batch, s.activation_checkpointing, s.compile) for s in grid if not s.document_mask} == \
         {(mb, ac, c) for mb in (4, 8, 16) for ac in (False, True) for c in (False, True)}
     assert grid[0] == gb.TrainSetting(8)  # the headline setting runs first
-    assert [s.name for s in grid[:3]] == ["mb8", "mb4", "mb16"]
+    assert [s.name for s in grid[:4]] == ["mb8", "mb4", "mb16", "mb8-docmask"]
 
 
 def test_settings_past_the_budget_are_recorded_as_skipped(tmp_path):
     gb = _load()
     opts = gb.parse_args(["--out", str(tmp_path), "--smoke"])
     result = gb.section_train(opts, tmp_path, deadline=time.perf_counter() - 1, log=lambda text: None)
-    assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 4
+    assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 5
     assert "skipped (time budget)" in gb.format_train_rows(result["rows"])
 
 
@@ -48,13 +48,15 @@ def test_smoke_run_measures_every_path(tmp_path, capsys):
     assert gb.main(["--out", str(tmp_path), "--smoke"]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = {r["setting"]: r for r in result["train"]["rows"]}
-    assert set(rows) == {"mb1", "mb2-ac", "mb1-compile", "mb2-ac-compile"}
+    assert set(rows) == {"mb1", "mb2-ac", "mb1-compile", "mb2-ac-compile", "mb2-docmask"}
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["measured_steps"] == 2 and r["peak_alloc_gb"] > 0
     # the same seed and data: checkpointing and compiling change nothing in the losses
     assert rows["mb1"]["loss_first"] == pytest.approx(rows["mb1-compile"]["loss_first"], rel=1e-4)
     assert rows["mb2-ac"]["loss_first"] == pytest.approx(rows["mb2-ac-compile"]["loss_first"], rel=1e-4)
+    assert rows["mb2-docmask"]["loss_first"] != rows["mb2-ac"]["loss_first"]  # documents are masked
+    assert "attention within documents (EOS id 2): kernel sdpa-mask" in (tmp_path / "train_logs.txt").read_text()
     gen = result["generate"]
     assert gen["status"] == "ok" and gen["ours"] > 0
     assert gen["hf_dynamic_identical_rows"] == gen["hf_static_identical_rows"] == gen["rows"]  # fp32 greedy
