@@ -60,14 +60,26 @@ def check_float(name: str, arg: str, t: torch.Tensor) -> None:
         raise TypeError(f"kernels.{name}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+# Host-side launch arithmetic in plain Python: since Triton 3.5 `triton.cdiv` and
+# `triton.next_power_of_2` are constexpr functions whose host call costs microseconds each,
+# and the small kernels' forward+backward is short enough for host time to show.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def num_warps_for(block: int) -> int:
     """Warps for a program that handles `block` elements: ~256 elements per warp, 1..16."""
     return max(1, min(16, block // 256))
 
 
-def num_programs(work_items: int, device: torch.device) -> int:
-    """Programs for a persistent loop over work items: a few per SM on CUDA, few on the interpreter."""
+def num_programs(work_items: int, device: torch.device, per_sm: int = 4) -> int:
+    """Programs for a persistent loop over work items: `per_sm` per SM on CUDA (as many as can be
+    resident at once, so there is a single wave), few on the interpreter."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(work_items, 4 * sms))
+        return max(1, min(work_items, per_sm * sms))
     return max(1, min(work_items, 4))

@@ -21,6 +21,9 @@ from kernels._triton_utils import check_float, check_launch
 from kernels.cross_entropy import ce_forward_rows, ce_grad_rows, check_targets, cross_entropy_reference
 
 _CHUNK_BYTES = 256 * 2**20  # logits per chunk: 4096 tokens x 32000 vocab in bf16
+# A chunk's bf16 weight-gradient product is formed one vocabulary slice at a time before it
+# is added into the fp32 accumulator: a (V, d) temporary would be 131 MB at 32000 x 2048.
+_DW_SLICE_BYTES = 32 * 2**20
 
 
 def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -34,6 +37,31 @@ def _chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
     rows = max(1, min(n_rows, _CHUNK_BYTES // (vocab * itemsize)))
     n_chunks = -(-n_rows // rows)
     return max(1, -(-n_rows // n_chunks))
+
+
+def _slice_rows(vocab: int, d: int, itemsize: int) -> int:
+    """Vocabulary rows per weight-gradient slice: product near _DW_SLICE_BYTES, equal slices."""
+    rows = max(1, min(vocab, _DW_SLICE_BYTES // (d * itemsize)))
+    n_slices = -(-vocab // rows)
+    return -(-vocab // n_slices)
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight (fp32) += grad_logits.T @ h for a low-precision chunk, slice by slice.
+
+    cuBLAS sums the chunk's rows in fp32 and rounds the product once to the compute dtype;
+    the in-place mixed-dtype add then sums chunks in fp32 without an fp32 copy of the
+    product. Per chunk this moves the product once each way plus the accumulator once each
+    way, and holds only one slice of the product.
+    """
+    vocab, d = grad_weight.shape
+    rows = _slice_rows(vocab, d, h.element_size())
+    buf = torch.empty((rows, d), dtype=h.dtype, device=h.device)
+    for v0 in range(0, vocab, rows):
+        v1 = min(v0 + rows, vocab)
+        product = buf[:v1 - v0]
+        torch.mm(grad_logits[:, v0:v1].t(), h, out=product)
+        grad_weight[v0:v1].add_(product)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -81,8 +109,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     if dtype == torch.float32:
                         grad_weight.addmm_(logits.t(), h)
                     else:
-                        # cuBLAS sums the chunk's rows in fp32 and rounds once; chunks add in fp32.
-                        grad_weight += (logits.t() @ h).float()
+                        _add_weight_grad(grad_weight, logits, h)
                 del logits
 
         loss = loss_rows.sum() / n_valid

@@ -13,7 +13,7 @@ gradient is the inverse rotation of the incoming gradient. cos/sin get no gradie
 """
 import torch
 
-from kernels._triton_utils import check_float, check_launch, num_warps_for, tl, triton
+from kernels._triton_utils import cdiv, check_float, check_launch, next_pow2, num_warps_for, tl, triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -32,15 +32,23 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 
 
 @triton.jit
-def _rotate_heads(x_ptr, y_ptr, x_tok, y_tok, x_stride_h, y_stride_h, n_heads, c1, c2, s1, s2, half, cols,
-                  tok_mask, col_mask, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate a (tokens, heads, 2*half) tile; x_tok/y_tok are the tokens' offsets, c*/s* (tokens, half)."""
+def _load_heads(x_ptr, x_tok, x_stride_h, n_heads, half, cols, tok_mask, col_mask, BLOCK_H: tl.constexpr):
+    """Both halves of a (tokens, heads, 2*half) tile, in fp32; x_tok are the tokens' offsets."""
     heads = tl.arange(0, BLOCK_H)
     mask = tok_mask[:, None, None] & (heads[None, :, None] < n_heads) & col_mask[None, None, :]
     x_off = x_tok[:, None, None] + heads[None, :, None] * x_stride_h + cols[None, None, :]
-    y_off = y_tok[:, None, None] + heads[None, :, None] * y_stride_h + cols[None, None, :]
     x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_off + half, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _rotate_store(x1, x2, y_ptr, y_tok, y_stride_h, n_heads, c1, c2, s1, s2, half, cols, tok_mask, col_mask,
+                  BLOCK_H: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate a loaded tile by c*/s* (tokens, half) and store it at y_tok (the tokens' offsets)."""
+    heads = tl.arange(0, BLOCK_H)
+    mask = tok_mask[:, None, None] & (heads[None, :, None] < n_heads) & col_mask[None, None, :]
+    y_off = y_tok[:, None, None] + heads[None, :, None] * y_stride_h + cols[None, None, :]
     c1, c2, s1, s2 = c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :]
     if INVERSE:
         # Transpose of the forward rotation: the gradient w.r.t. the input.
@@ -61,23 +69,29 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, n_tokens, seq_l
                  BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr):
     # A program rotates BLOCK_T consecutive tokens (flattened b * T + t), all heads of q and k.
+    # Every load (cos/sin, q, k) is issued before the first store: the compiler may not move a
+    # load past a store to a possibly aliasing pointer, so loading k after storing q would
+    # cost each program a second memory round trip.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = tok < n_tokens
     b = tok // seq_len
     t = tok % seq_len
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < half
-    # Both halves of cos/sin are read: HF tables repeat them, but the maths must not rely on it.
+    q1, q2 = _load_heads(q_ptr, b * q_sb + t * q_st, q_sh, n_q_heads, half, cols, tok_mask, col_mask, BLOCK_HQ)
+    k1, k2 = _load_heads(k_ptr, b * k_sb + t * k_st, k_sh, n_k_heads, half, cols, tok_mask, col_mask, BLOCK_HK)
+    # Each token's cos/sin row is read once and applied to all of its heads. Both halves are
+    # read: HF tables repeat them, but the maths must not rely on it.
     cs = (b * cs_sb + t * cs_st)[:, None] + cols[None, :]
     cs_mask = tok_mask[:, None] & col_mask[None, :]
     c1 = tl.load(cos_ptr + cs, mask=cs_mask, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + cs, mask=cs_mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, qo_ptr, b * q_sb + t * q_st, b * qo_sb + t * qo_st, q_sh, qo_sh, n_q_heads,
-                  c1, c2, s1, s2, half, cols, tok_mask, col_mask, BLOCK_HQ, INVERSE)
-    _rotate_heads(k_ptr, ko_ptr, b * k_sb + t * k_st, b * ko_sb + t * ko_st, k_sh, ko_sh, n_k_heads,
-                  c1, c2, s1, s2, half, cols, tok_mask, col_mask, BLOCK_HK, INVERSE)
+    _rotate_store(q1, q2, qo_ptr, b * qo_sb + t * qo_st, qo_sh, n_q_heads, c1, c2, s1, s2, half, cols,
+                  tok_mask, col_mask, BLOCK_HQ, INVERSE)
+    _rotate_store(k1, k2, ko_ptr, b * ko_sb + t * ko_st, ko_sh, n_k_heads, c1, c2, s1, s2, half, cols,
+                  tok_mask, col_mask, BLOCK_HK, INVERSE)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -92,14 +106,14 @@ def _launch(q, k, cos, sin, inverse: bool):
     q_out = torch.empty((B, T, n_q, D), dtype=q.dtype, device=q.device)
     k_out = torch.empty((B, T, n_k, D), dtype=k.dtype, device=k.device)
     cs_sb = cos.stride(0) if cos.dim() == 3 else 0  # (T, D) tables broadcast over the batch
-    block_hq, block_hk = triton.next_power_of_2(n_q), triton.next_power_of_2(max(n_k, 1))
-    block_half = triton.next_power_of_2(D // 2)
+    block_hq, block_hk = next_pow2(n_q), next_pow2(max(n_k, 1))
+    block_half = next_pow2(D // 2)
     # ~2048 query elements per program: two tokens at TinyLlama's 32 heads x 32, more for small models.
     tile = block_hq * block_half
     block_t = max(1, min(64, 2048 // tile))
     n_tokens = B * T
     if n_tokens:
-        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
+        _rope_kernel[(cdiv(n_tokens, block_t),)](
             q, k, q_out, k_out, cos, sin, n_tokens, T,
             *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
             cs_sb, cos.stride(-2), n_q, n_k, D // 2,

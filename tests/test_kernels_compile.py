@@ -39,8 +39,8 @@ def _cases():
         (rn._rms_norm_fwd_kernel, rms_fwd, dict(BLOCK_M=16, BLOCK_N=64), 4),
         (rn._rms_norm_bwd_kernel, rms_bwd, dict(BLOCK_M=1, BLOCK_N=2048), 8),
         (rn._rms_norm_bwd_kernel, rms_bwd, dict(BLOCK_M=16, BLOCK_N=64), 4),
-        (sw._swiglu_fwd_kernel, sw_fwd, dict(BLOCK_M=4, BLOCK_N=1024), 16),
-        (sw._swiglu_bwd_kernel, sw_bwd, dict(BLOCK_M=4, BLOCK_N=1024), 16),
+        (sw._swiglu_fwd_kernel, sw_fwd, dict(BLOCK_M=2, BLOCK_N=512), 4),
+        (sw._swiglu_bwd_kernel, sw_bwd, dict(BLOCK_M=2, BLOCK_N=512), 4),
         (rp._rope_kernel, rope, dict(BLOCK_T=2, BLOCK_HQ=32, BLOCK_HK=4, BLOCK_HALF=32, INVERSE=False), 8),
         (rp._rope_kernel, rope, dict(BLOCK_T=64, BLOCK_HQ=4, BLOCK_HK=2, BLOCK_HALF=8, INVERSE=True), 8),
         (ce._ce_fwd_kernel, ce_fwd, dict(BLOCK=8192), 16),
@@ -77,6 +77,72 @@ def test_every_kernel_compiles_for_sm90():
     assert out.stdout.count("ok ") == len(_cases())
 
 
+
+
+# --- register budget: compiled as the launcher compiles them (16-aligned pointers and strides) ---
+
+def _resource_usage(fn, types, constexprs, warps, **options) -> dict:
+    """{'REG': n, 'LOCAL': spill bytes, ...} of `fn` compiled for sm_90, read with Triton's cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    # At run time Triton specialises 16-divisible integers and 16-aligned pointers; without
+    # that the loads are not vectorised and the register counts are not the real ones.
+    divisible = [n for n in names if str(types.get(n, "")).startswith("*") or
+                 (types.get(n) == I32 and "ignore" not in n)]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **options})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", out)}
+
+
+def report_registers() -> int:
+    """Registers and spills of every case, plus the RMSNorm backward under its launch cap."""
+    import importlib
+
+    rn = importlib.import_module("kernels.rms_norm")
+    failures = 0
+    cases = [(fn, types, c, w, {}) for fn, types, c, w in _cases()]
+    rms_bwd = [(fn, types, c, w) for fn, types, c, w, _ in cases if fn is rn._rms_norm_bwd_kernel]
+    for d in (4096, 8192):  # wider models: 16 warps, 8 and 16 elements per thread
+        rms_bwd.append((rn._rms_norm_bwd_kernel, rms_bwd[0][1], dict(zip(("BLOCK_M", "BLOCK_N"), rn._blocks(d)[:2])),
+                        rn._blocks(d)[2]))
+    cases += [(fn, types, c, w, {"maxnreg": rn._bwd_max_regs(c["BLOCK_M"], c["BLOCK_N"], w)})
+              for fn, types, c, w in rms_bwd]
+    for fn, types, constexprs, warps, options in cases:
+        use = _resource_usage(fn, types, constexprs, warps, **options)
+        spilled = use.get("LOCAL", 0) or use.get("STACK", 0)
+        over = "maxnreg" in options and use["REG"] > options["maxnreg"]
+        failures += bool(spilled or over)
+        print(f"{'FAIL' if spilled or over else 'ok  '} regs {use['REG']:3d} local {use.get('LOCAL', 0)} "
+              f"{fn.__name__} {constexprs} warps {warps} {options}")
+    return failures
+
+
+def test_no_kernel_spills_registers():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, __file__, "--registers"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") >= len(_cases())
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    if sys.argv[1:] == ["--registers"]:
+        sys.exit(1 if report_registers() else 0)
     sys.exit(1 if compile_all() else 0)

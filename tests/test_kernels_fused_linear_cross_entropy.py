@@ -126,3 +126,22 @@ def test_fused_linear_ce_rejects_mismatched_dtypes():
     with pytest.raises(TypeError, match="same dtype"):
         kernels.fused_linear_cross_entropy(torch.randn(3, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE).bfloat16(),
                                            torch.zeros(3, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_in_uneven_vocabulary_slices_matches_reference(monkeypatch, dtype):
+    # 24 columns x 2 bytes x 100 rows: 1007 vocabulary rows in 11 slices of 92 (the last 87).
+    monkeypatch.setattr(flce_module, "_DW_SLICE_BYTES", 24 * 2 * 100)
+    assert flce_module._slice_rows(1007, 24, 2) == 92
+    hidden, weight, targets = _inputs(37, 24, 1000 + 7, dtype, seed=3)
+    got = _run(kernels.fused_linear_cross_entropy, hidden, weight, targets, chunk_rows=8)
+    want = _run(kernels.fused_linear_cross_entropy_reference, hidden, weight, targets)
+    for g, w in zip(got[1:], want[1:]):
+        _assert_close(g, w, dtype)
+
+
+def test_weight_gradient_slice_bounds_the_temporary():
+    rows = flce_module._slice_rows(32000, 2048, 2)
+    assert rows * 2048 * 2 <= flce_module._DW_SLICE_BYTES
+    assert 32000 % rows == 0  # equal slices
+    assert flce_module._slice_rows(5, 10**9, 4) == 1
