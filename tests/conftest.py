@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads) and
-paths to the optional real Llama-2 tokenizer in ../shared/data."""
+"""Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
+the optional real Llama-2 tokenizer in ../shared/data, and a recorder of the tensor
+strides a Triton kernel is launched with."""
 from __future__ import annotations
 
 import os
@@ -60,3 +61,29 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 512) -> Path:
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """Path to a 512-piece sentencepiece model trained for this test session."""
     return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+
+
+class LaunchRecorder:
+    """Stands in for a `@triton.jit` kernel in its module and records, per launch, the
+    strides of the tensor arguments, so a test can check that the kernel itself (not a
+    copy made on the way) received a strided view."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.strides: list[list[tuple[int, ...]]] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):
+            self.strides.append([tuple(a.stride()) for a in args if isinstance(a, torch.Tensor)])
+            return launch(*args, **kwargs)
+
+        return record
+
+
+def record_launches(monkeypatch, module, name: str) -> LaunchRecorder:
+    """Replace `module.name` (a Triton kernel) with a LaunchRecorder for this test."""
+    recorder = LaunchRecorder(getattr(module, name))
+    monkeypatch.setattr(module, name, recorder)
+    return recorder
