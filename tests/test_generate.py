@@ -1,6 +1,9 @@
 """Batched KV-cache generation (finetune/generate.py) against full recomputation, and resume."""
+import collections
 import json
+import math
 
+import pytest
 import torch
 
 from finetune.generate import generate_batch, generate_to_file, merge_generation_files, rank_slice
@@ -49,6 +52,50 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     nucleus = generate_batch(model, prompts, 8, eos_id=2, pad_id=0, temperature=1.0, top_p=1e-6,
                              generator=torch.Generator().manual_seed(4))
     assert nucleus == greedy
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose next-token logits are the same table at every position, so
+    generate_batch's sampler can be checked against a distribution known in closed form."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = logits
+        self.lm_head = torch.nn.Linear(1, 1)
+        self.config = Config.from_name("tiny")
+
+    def make_kv_cache(self, batch_size, length):
+        return None
+
+    def forward(self, ids, **_):
+        return self.table.expand(ids.shape[0], 1, -1)
+
+
+# Token probabilities (summing to 1) placed out of order, so a sampler that returned a
+# position in the sorted order instead of the token id would be caught.
+PROBS = {3: 0.40, 0: 0.25, 5: 0.15, 1: 0.10, 4: 0.06, 2: 0.04}
+
+
+@pytest.mark.parametrize("temperature,top_p,kept", [
+    (1.0, 0.7, [3, 0, 5]),     # 0.40 + 0.25 < 0.7 <= 0.40 + 0.25 + 0.15: three tokens make the nucleus
+    (1.0, 0.6, [3, 0]),        # 0.40 < 0.6 <= 0.40 + 0.25: two tokens
+    (1.0, 1.0, [3, 0, 5, 1, 4, 2]),
+    (0.5, 0.9, [3, 0, 5]),     # p^2 renormalised: 0.615, 0.240, 0.086 (0.855 < 0.9), 0.038, ...
+])
+def test_sampling_frequencies_follow_the_nucleus(temperature, top_p, kept):
+    logits = torch.full((6,), float("-inf"))
+    for token, p in PROBS.items():
+        logits[token] = math.log(p)
+    want = {t: PROBS[t] ** (1 / temperature) for t in kept}
+    want = {t: q / sum(want.values()) for t, q in want.items()}
+    n = 20_000
+    out = generate_batch(FixedLogits(logits), [[1]] * n, max_new_tokens=1, eos_id=99, pad_id=0,
+                         temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(5))
+    counts = collections.Counter(ids[0] for ids in out)
+    assert set(counts) == set(kept)  # nothing outside the nucleus is ever drawn
+    for token, q in want.items():
+        # binomial standard deviation is at most 0.0036 here; 0.015 is > 4 of them
+        assert abs(counts[token] / n - q) < 0.015, (token, counts[token] / n, q)
 
 
 def test_generate_to_file_resumes_without_duplicates(tmp_path):
