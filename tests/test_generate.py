@@ -118,3 +118,33 @@ def test_generate_to_file_resumes_without_duplicates(tmp_path):
 def test_rank_slices_are_contiguous_and_cover():
     parts = [rank_slice(10, r, 3) for r in range(3)]
     assert [i for p in parts for i in p] == list(range(10))
+
+
+def _write_rows(path, indices):
+    path.write_text("".join(json.dumps({"index": i, "generated_ids": [5, i], "stopped": False}) + "\n"
+                            for i in indices))
+    return path
+
+
+@pytest.mark.parametrize("rank0,rank1,message", [
+    ([0, 1, 2], [3, 4, 3], r"rank1.jsonl: prompt index 3 appears twice \(also in .*rank1.jsonl\)"),
+    ([0, 1, 2, 3], [3, 4], r"rank1.jsonl: prompt index 3 appears twice \(also in .*rank0.jsonl\)"),
+    ([0, 1, 2], [3, 4, 7], r"rank1.jsonl: prompt index 7 is not one of this run's 5 prompts"),
+], ids=["twice in one file", "in two files", "extra index"])
+def test_merge_refuses_duplicate_and_extra_indices(tmp_path, rank0, rank1, message):
+    parts = [_write_rows(tmp_path / "generations.rank0.jsonl", rank0),
+             _write_rows(tmp_path / "generations.rank1.jsonl", rank1)]
+    out = tmp_path / "generations.jsonl"
+    with pytest.raises(ValueError, match=message) as err:
+        merge_generation_files(parts, out, expected=list(range(5)))
+    assert "generations.rank*.jsonl to generate them again" in str(err.value)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in parts]
+
+
+def test_merge_of_two_ranks_is_in_prompt_order(tmp_path):
+    parts = [_write_rows(tmp_path / "generations.rank0.jsonl", [2, 0, 1]),
+             _write_rows(tmp_path / "generations.rank1.jsonl", [4, 3])]
+    merged = merge_generation_files(parts, tmp_path / "generations.jsonl", expected=list(range(5)))
+    assert [r["index"] for r in merged] == list(range(5))
+    on_disk = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert on_disk == merged and [r["generated_ids"] for r in merged] == [[5, i] for i in range(5)]
