@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
-the optional real Llama-2 tokenizer in ../shared/data, and a recorder of the tensor
-strides a Triton kernel is launched with."""
+the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
+dependencies (a skip on a laptop, an error in CI), and a recorder of the tensor strides a
+Triton kernel is launched with."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
 import random
 from pathlib import Path
 
@@ -20,6 +22,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+
+def in_ci() -> bool:
+    """True where the CI environment variable says so (CI=true, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_module(name: str):
+    """Import a test dependency. Outside CI a missing one skips the tests that need it (a
+    laptop without the test extra); in CI it fails them, so a broken test install cannot
+    pass as a run of skips."""
+    if not in_ci():
+        return pytest.importorskip(name)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"CI is set and the test dependency {name!r} does not import ({e}); "
+                    f"install the test extra: pip install -e '.[test]'", pytrace=False)
+
 
 _WORDS = ("the model reads tokens and learns to predict the next one from context while the "
           "optimizer updates weights def return import class self value list dict for in if else "

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import require_module
 
-transformers = pytest.importorskip("transformers")  # the test extra installs it
+transformers = require_module("transformers")  # the test extra installs it
 
 from model import Config, Llama  # noqa: E402
 from model.hf import load_hf  # noqa: E402
