@@ -25,8 +25,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from finetune.files import write_jsonl
-
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token per row from last-position logits (B, V)."""
@@ -196,5 +194,9 @@ def merge_generation_files(parts: list[Path], out: Path, expected: list[int]) ->
         raise RuntimeError(f"generations for {len(missing)} prompt(s) missing (e.g. index {missing[0]}) "
                            f"in {[str(p) for p in parts]}; re-run to resume")
     merged = [rows[i] for i in sorted(expected)]
-    write_jsonl(out, merged)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in merged:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
     return merged
