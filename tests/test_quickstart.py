@@ -13,6 +13,8 @@ from conftest import require_module
 from data_prep import iter_documents, list_shards, read_shard
 from model import Llama
 
+pytestmark = pytest.mark.slow  # the whole pipeline runs once for this module (~1.5 min on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def quickstart_out(tmp_path_factory, request):
