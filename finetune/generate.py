@@ -13,7 +13,8 @@ model is otherwise bound by the host launching hundreds of small kernels per tok
 (and flushed) one batch at a time to a jsonl file, a re-run skips indices already there and
 drops a half-written last line, so an interrupted run resumes without duplicates. With
 several ranks each takes a contiguous slice of the prompts into its own file and
-`merge_generation_files` writes one file in prompt order.
+`merge_generation_files` writes one file in prompt order, checking that every prompt has
+exactly one generation.
 
 Limitation: each rank holds a full (unsharded) copy of the model while generating; fine up
 to a few billion parameters on one GPU, not for models that only fit sharded.
@@ -137,11 +138,11 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
 
 
 # ---- incremental, resumable files ---------------------------------------------------------
-def read_jsonl_resumable(path: Path) -> dict[int, dict]:
-    """Rows already written, by "index"; a torn last line (crash mid-write) is cut off the file."""
-    done: dict[int, dict] = {}
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """Rows already written, in file order; a torn last line (crash mid-write) is cut off the file."""
+    rows: list[dict] = []
     if not path.is_file():
-        return done
+        return rows
     data = path.read_bytes()
     good_end = 0
     pos = 0
@@ -154,12 +155,17 @@ def read_jsonl_resumable(path: Path) -> dict[int, dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             break
-        done[int(row["index"])] = row
+        rows.append(row)
         pos = good_end = nl + 1
     if good_end < len(data):
         with path.open("r+b") as f:
             f.truncate(good_end)
-    return done
+    return rows
+
+
+def read_jsonl_resumable(path: Path) -> dict[int, dict]:
+    """Rows already written, by "index" (see read_jsonl_rows)."""
+    return {int(row["index"]): row for row in read_jsonl_rows(path)}
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> range:
@@ -218,10 +224,27 @@ def generate_to_file(model, items: list[tuple[int, list[int]]], path: str | os.P
 
 
 def merge_generation_files(parts: list[Path], out: Path, expected: list[int]) -> list[dict]:
-    """One file, in prompt order, from the ranks' files; every expected index exactly once."""
+    """One file, in prompt order, from the ranks' files; every expected index exactly once.
+
+    A duplicated index (two answers for one prompt: which one is meant?) or an index that is
+    not one of this run's prompts means the files were not all written by this run, e.g. a
+    resume with a different number of ranks; both are errors, and `out` is not written.
+    """
+    wanted = set(expected)
     rows: dict[int, dict] = {}
+    source: dict[int, Path] = {}
+    redo = f"delete {Path(parts[0]).parent}/generations.rank*.jsonl to generate them again" if parts else ""
     for part in parts:
-        rows.update(read_jsonl_resumable(part))
+        for row in read_jsonl_rows(part):
+            index = int(row["index"])
+            if index in rows:
+                raise ValueError(f"{part}: prompt index {index} appears twice (also in {source[index]}); each prompt "
+                                 f"must have exactly one generation (was the run resumed with a different number "
+                                 f"of ranks?); {redo}")
+            if index not in wanted:
+                raise ValueError(f"{part}: prompt index {index} is not one of this run's {len(wanted)} prompts; "
+                                 f"the file holds generations from another run; {redo}")
+            rows[index], source[index] = row, part
     missing = [i for i in expected if i not in rows]
     if missing:
         raise RuntimeError(f"generations for {len(missing)} prompt(s) missing (e.g. index {missing[0]}) "

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         export(args) if args.command == "export" else import_(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as in every CLI of the project
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads) and
-paths to the optional real Llama-2 tokenizer in ../shared/data."""
+"""Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
+the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
+dependencies (a skip on a laptop, an error in CI), and a recorder of the tensor strides a
+Triton kernel is launched with."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
 import random
 from pathlib import Path
 
@@ -19,6 +22,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+
+def in_ci() -> bool:
+    """True where the CI environment variable says so (CI=true, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_module(name: str):
+    """Import a test dependency. Outside CI a missing one skips the tests that need it (a
+    laptop without the test extra); in CI it fails them, so a broken test install cannot
+    pass as a run of skips."""
+    if not in_ci():
+        return pytest.importorskip(name)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"CI is set and the test dependency {name!r} does not import ({e}); "
+                    f"install the test extra: pip install -e '.[test]'", pytrace=False)
+
 
 _WORDS = ("the model reads tokens and learns to predict the next one from context while the "
           "optimizer updates weights def return import class self value list dict for in if else "
@@ -60,3 +82,29 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 512) -> Path:
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """Path to a 512-piece sentencepiece model trained for this test session."""
     return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+
+
+class LaunchRecorder:
+    """Stands in for a `@triton.jit` kernel in its module and records, per launch, the
+    strides of the tensor arguments, so a test can check that the kernel itself (not a
+    copy made on the way) received a strided view."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.strides: list[list[tuple[int, ...]]] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):
+            self.strides.append([tuple(a.stride()) for a in args if isinstance(a, torch.Tensor)])
+            return launch(*args, **kwargs)
+
+        return record
+
+
+def record_launches(monkeypatch, module, name: str) -> LaunchRecorder:
+    """Replace `module.name` (a Triton kernel) with a LaunchRecorder for this test."""
+    recorder = LaunchRecorder(getattr(module, name))
+    monkeypatch.setattr(module, name, recorder)
+    return recorder

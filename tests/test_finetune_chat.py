@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from conftest import LLAMA2_TOKENIZER, require_module
 
 from finetune.chat import ChatEncoder, ChatTemplate, IGNORE_INDEX, read_chat, sft_row
 from finetune.tokenizer import load_tokenizer
@@ -83,8 +84,7 @@ def test_tokenizer_larger_than_model_vocab_is_error(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("which", ["tiny", "llama2"])
 def test_hf_chat_template_gives_our_token_ids(which, tiny_tokenizer, tmp_path):
     """A model served through transformers/vLLM sees exactly the ids it was trained on."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import LLAMA2_TOKENIZER
+    transformers = require_module("transformers")
     from model.hf import save_hf_tokenizer
 
     path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER

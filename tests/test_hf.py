@@ -1,13 +1,16 @@
 """HF interoperability: export -> transformers loads the same logits; an HF random Llama
-imports to the same logits; tokenizer files load; bad directories are clear errors."""
+imports to the same logits from each layout real checkpoints use (model.safetensors, sharded
+safetensors with an index, pytorch_model.bin with and without an index); tokenizer files
+load; bad directories, missing shards and RoPE scaling are clear errors (exit 2)."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import require_module
 
-transformers = pytest.importorskip("transformers")  # the test extra installs it
+transformers = require_module("transformers")  # the test extra installs it
 
 from model import Config, Llama  # noqa: E402
 from model.hf import load_hf  # noqa: E402
@@ -102,4 +105,106 @@ def test_mismatched_hf_weights_name_the_tensor(tmp_path):
     data["num_hidden_layers"] = 2
     (tmp_path / "hf" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="model.layers.1"):
+        load_hf(tmp_path / "hf")
+
+
+# ---- the on-disk layouts real checkpoints use ------------------------------------------------
+def _small_hf_llama(seed=2):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                                   rope_theta=500.0, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _write_bin_shards(hf, directory, n_shards):
+    """The layout transformers 4 wrote with safe_serialization=False (e.g. Llama-2-7b-hf):
+    pytorch_model.bin, or pytorch_model-0000i-of-0000n.bin files and pytorch_model.bin.index.json."""
+    hf.config.save_pretrained(directory)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    if n_shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    names = sorted(state)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: state[k] for k in names[i::n_shards]}
+        torch.save(part, directory / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (directory / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout", ["sharded safetensors", "pytorch_model.bin", "sharded pytorch_model.bin"])
+def test_import_of_each_checkpoint_layout_matches_logits(tmp_path, layout):
+    hf = _small_hf_llama()
+    directory = tmp_path / "hf"
+    if layout == "sharded safetensors":
+        hf.save_pretrained(directory, max_shard_size="20KB")  # what transformers writes for big models
+        shards = list(directory.glob("model-*-of-*.safetensors"))
+        assert (directory / "model.safetensors.index.json").is_file() and not (directory / "model.safetensors").exists()
+    else:
+        directory.mkdir()
+        _write_bin_shards(hf, directory, n_shards=1 if layout == "pytorch_model.bin" else 3)
+        shards = list(directory.glob("pytorch_model*.bin"))
+        assert not list(directory.glob("*.safetensors"))
+    assert len(shards) >= (1 if layout == "pytorch_model.bin" else 3)
+    ours = load_hf(directory, kernels="torch")
+    x = torch.randint(0, 160, (2, 17))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("index_name", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path, index_name):
+    hf = _small_hf_llama()
+    directory = tmp_path / "hf"
+    if index_name.startswith("model."):
+        hf.save_pretrained(directory, max_shard_size="20KB")
+        gone = sorted(directory.glob("model-*.safetensors"))[1]
+    else:
+        directory.mkdir()
+        _write_bin_shards(hf, directory, n_shards=3)
+        gone = sorted(directory.glob("pytorch_model-*.bin"))[1]
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{index_name} lists {gone.name}, which is not in"):
+        load_hf(directory)
+
+
+ROPE_SCALING = {
+    # transformers 4 configs (Llama 3.1, CodeLlama-style linear scaling, old "type" key)
+    "llama3 rope_scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "linear, old key": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    # transformers 5 configs keep it in rope_parameters
+    "dynamic rope_parameters": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_SCALING))
+def test_rope_scaling_is_refused_with_a_clear_message(tmp_path, repo_root, case):
+    _small_hf_llama().save_pretrained(tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("rope_scaling", None)
+    config.pop("rope_parameters", None)
+    config.update(ROPE_SCALING[case])
+    config_path.write_text(json.dumps(config))
+    result = run_convert("import", "--hf", tmp_path / "hf", "--out", tmp_path / "ours", cwd=repo_root)
+    assert result.returncode == 2, result.stderr
+    assert f"{config_path}: unsupported Llama variant: RoPE scaling" in result.stderr
+    assert "only plain RoPE is supported" in result.stderr
+    kind = next(iter(ROPE_SCALING[case].values()))
+    assert repr(kind.get("rope_type", kind.get("type"))) in result.stderr
+    assert not (tmp_path / "ours").exists()
+
+
+def test_rope_scaling_written_by_transformers_is_refused(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"RoPE scaling .*'linear'.*\(only plain RoPE is supported\)"):
         load_hf(tmp_path / "hf")

@@ -1,6 +1,6 @@
 """Triton cross-entropy against its PyTorch reference: loss and d(logits), fp32 and bf16,
 odd vocabularies, multi-block rows, ignore_index, z-loss, all-ignored batches and the
-bf16 p - 1 cancellation (CPU interpreter)."""
+bf16 p - 1 cancellation, strided logits read in place (CPU interpreter)."""
 import os
 
 import torch
@@ -13,6 +13,7 @@ if DEVICE == "cpu":
 import importlib
 
 import pytest
+from conftest import record_launches
 
 import kernels
 
@@ -45,6 +46,34 @@ def test_cross_entropy_matches_reference(n_rows, vocab, z_loss, max_block, dtype
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, grad_ref, **TOL[dtype])
     assert grad[::4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_strided_logits_read_in_place(dtype, monkeypatch):
+    # Logits are columns 5..5+V of a wider buffer (row stride V + 13, as a padded-vocabulary
+    # head would give), targets every other element of a longer vector. The recorder checks
+    # that both kernels read the logits through that row stride, without a copy.
+    monkeypatch.setattr(ce_module, "_MAX_BLOCK", 64)  # several blocks per row
+    V = 201
+    torch.manual_seed(4)
+    base = (torch.randn(11, V + 13) * 4).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (22,)).to(DEVICE)[::2]
+    targets[3] = -100
+    fwd = record_launches(monkeypatch, ce_module, "_ce_fwd_kernel")
+    grad_kernel = record_launches(monkeypatch, ce_module, "_ce_grad_kernel")
+
+    def run(fn):
+        leaf = base.detach().clone().requires_grad_(True)
+        loss = fn(leaf[:, 5:5 + V], targets)
+        (loss * 3.0).backward()
+        return loss, leaf.grad
+
+    loss, grad = run(kernels.cross_entropy)
+    loss_ref, grad_ref = run(kernels.cross_entropy_reference)
+    assert fwd.strides[0][0] == (V + 13, 1) and grad_kernel.strides[0][0] == (V + 13, 1)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, **TOL[dtype])
+    assert grad[:, :5].abs().sum() == 0 and grad[:, 5 + V:].abs().sum() == 0
 
 
 def test_cross_entropy_custom_ignore_index():

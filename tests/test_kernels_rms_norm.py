@@ -1,5 +1,5 @@
 """Triton RMSNorm against its PyTorch reference: output, dx and dweight, fp32 and bf16,
-odd widths and row counts, non-contiguous input (Triton runs on the CPU interpreter)."""
+odd widths and row counts, strided input and gradient read in place (Triton runs on the CPU interpreter)."""
 import os
 
 import torch
@@ -9,9 +9,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
+
 import pytest
+from conftest import record_launches
 
 import kernels
+
+rms_norm_module = importlib.import_module("kernels.rms_norm")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -39,17 +44,33 @@ def test_rms_norm_matches_reference(shape, dtype):
     torch.testing.assert_close(dw, dw_ref, **TOL[dtype])
 
 
-def test_rms_norm_strided_input_and_large_eps():
-    # A column slice has a row stride larger than its width, as a view of a fused projection.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_strided_input_and_grad_and_large_eps(dtype, monkeypatch):
+    # x is a column slice of a wider buffer (row stride 96, width 48), as a view of a fused
+    # projection, and dy another (row stride 144, at an offset). Neither is copied on the way:
+    # the launch recorder checks that the kernels receive those strides.
     torch.manual_seed(1)
-    base = torch.randn(3, 7, 2 * 48, device=DEVICE)
-    x = base[..., :48]
-    w = torch.randn(48, device=DEVICE)
-    dy = torch.randn(3, 7, 48, device=DEVICE)
-    y, dx, dw = _run(kernels.rms_norm, x, w, 0.5, dy)
-    y_ref, dx_ref, dw_ref = _run(kernels.rms_norm_reference, x, w, 0.5, dy)
-    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    base = torch.randn(3, 7, 2 * 48).to(DEVICE, dtype)
+    w = torch.randn(48).to(DEVICE, dtype)
+    dy = torch.randn(3, 7, 3 * 48).to(DEVICE, dtype)[..., 48:96]
+    assert dy.stride(-2) == 144
+    fwd = record_launches(monkeypatch, rms_norm_module, "_rms_norm_fwd_kernel")
+    bwd = record_launches(monkeypatch, rms_norm_module, "_rms_norm_bwd_kernel")
+
+    def run(fn):
+        leaf = base.detach().clone().requires_grad_(True)  # contiguous; the slice below is the view
+        wl = w.detach().clone().requires_grad_(True)
+        y = fn(leaf[..., :48], wl, 0.5)
+        y.backward(dy)
+        return y, leaf.grad, wl.grad
+
+    y, dbase, dw = run(kernels.rms_norm)
+    y_ref, dbase_ref, dw_ref = run(kernels.rms_norm_reference)
+    assert (96, 1) in fwd.strides[0]
+    assert (144, 1) in bwd.strides[0] and (96, 1) in bwd.strides[0]
+    for got, want in ((y, y_ref), (dbase, dbase_ref), (dw, dw_ref)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    assert dbase[..., 48:].abs().sum() == 0
 
 
 def test_rms_norm_empty_batch_gives_zero_weight_grad():

@@ -1,6 +1,6 @@
 """Triton RoPE against its PyTorch reference: rotated q/k and the gradient into the fused
 qkv projection they are sliced from, GQA head counts, (T, D) and per-row (B, T, D) tables,
-odd head dims, fp32 and bf16 (CPU interpreter)."""
+odd head dims, fp32 and bf16, strided q/k and gradients read in place (CPU interpreter)."""
 import os
 
 import torch
@@ -10,9 +10,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
+
 import pytest
+from conftest import record_launches
 
 import kernels
+
+rope_module = importlib.import_module("kernels.rope")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -53,6 +58,25 @@ def test_rope_matches_reference(B, T, n_q, n_k, D, per_row, dtype):
     torch.testing.assert_close(q, q_ref, **TOL[dtype])
     torch.testing.assert_close(k, k_ref, **TOL[dtype])
     torch.testing.assert_close(dqkv, dqkv_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_strided_grads_read_in_place(dtype, monkeypatch):
+    # q/k are slices of the fused qkv (token stride (3 + 2) * 8 = 40); dq/dk are slices of one
+    # (B, T, 3 + 1 + 2, 8) buffer (token stride 48, dk at an offset), unlike the contiguous
+    # gradients above. The recorder checks that the kernel receives exactly those views.
+    B, T, n_q, n_k, D = 2, 5, 3, 1, 8
+    torch.manual_seed(3)
+    qkv = torch.randn(B, T, n_q + 2 * n_k, D).to(DEVICE, dtype)
+    cos, sin = _tables(torch.randint(0, 100, (B, T)), D)
+    dq, dk, _ = torch.randn(B, T, n_q + n_k + 2, D).to(DEVICE, dtype).split([n_q, n_k, 2], dim=2)
+    launches = record_launches(monkeypatch, rope_module, "_rope_kernel")
+    q, k, dqkv = _run(kernels.apply_rope, qkv, n_q, n_k, cos, sin, dq, dk)
+    q_ref, k_ref, dqkv_ref = _run(kernels.apply_rope_reference, qkv, n_q, n_k, cos, sin, dq, dk)
+    forward, backward = launches.strides
+    assert forward[:2] == [(T * 40, 40, 8, 1)] * 2
+    assert backward[:2] == [dq.stride(), dk.stride()] == [(T * 48, 48, 8, 1)] * 2
+    torch.testing.assert_close((q, k, dqkv), (q_ref, k_ref, dqkv_ref), **TOL[dtype])
 
 
 def test_rope_general_tables_and_unused_k():

@@ -1,5 +1,6 @@
 """Triton SwiGLU against its PyTorch reference: output and both gradients, fp32 and bf16,
-odd widths, gate/up as strided halves of one fused projection (CPU interpreter)."""
+odd widths, gate/up as strided halves of one fused projection and a strided gradient,
+both read in place (CPU interpreter)."""
 import os
 
 import torch
@@ -9,9 +10,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib
+
 import pytest
+from conftest import record_launches
 
 import kernels
+
+swiglu_module = importlib.import_module("kernels.swiglu")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -35,6 +41,24 @@ def test_swiglu_matches_reference(shape, dtype):
     y, dh = _run(kernels.swiglu, h, dy)
     y_ref, dh_ref = _run(kernels.swiglu_reference, h, dy)
     assert y.dtype == dtype and dh.dtype == dtype
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_strided_halves_and_strided_grad(dtype, monkeypatch):
+    # gate/up are the halves of one (..., 2*33) projection (row stride 66, width 33) and dy a
+    # slice of a wider buffer at an offset (row stride 99): the recorder checks that the
+    # kernels read all three in place, with those strides.
+    torch.manual_seed(2)
+    h = (torch.randn(3, 5, 2 * 33) * 3).to(DEVICE, dtype)
+    dy = torch.randn(3, 5, 3 * 33).to(DEVICE, dtype)[..., 33:66]
+    fwd = record_launches(monkeypatch, swiglu_module, "_swiglu_fwd_kernel")
+    bwd = record_launches(monkeypatch, swiglu_module, "_swiglu_bwd_kernel")
+    y, dh = _run(kernels.swiglu, h, dy)
+    y_ref, dh_ref = _run(kernels.swiglu_reference, h, dy)
+    assert fwd.strides[0][:2] == [(66, 1), (66, 1)]
+    assert bwd.strides[0][:3] == [(99, 1), (66, 1), (66, 1)]
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
     torch.testing.assert_close(dh, dh_ref, **TOL[dtype])
 

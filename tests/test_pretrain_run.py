@@ -124,6 +124,7 @@ def test_loss_goes_down_and_outputs_are_complete(straight, data):
     assert list((straight / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
 
+@pytest.mark.slow
 def test_exact_resume_ignoring_a_checkpoint_cut_off_mid_write(data, straight, tmp_path):
     out = tmp_path / "resumed"
     run(base_args(data, out, "--stop-after-steps", str(STEPS // 2)), tmp_path)
@@ -145,6 +146,7 @@ def test_exact_resume_ignoring_a_checkpoint_cut_off_mid_write(data, straight, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
     out = tmp_path / "fsdp2"
     fabric = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2"]
@@ -170,6 +172,7 @@ def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
     out = tmp_path / "preempted"
     args = base_args(data, out, "--debug-step-delay", "0.3", "--save-every", "1000")

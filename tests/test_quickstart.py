@@ -8,9 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import require_module
 
 from data_prep import iter_documents, list_shards, read_shard
 from model import Llama
+
+pytestmark = pytest.mark.slow  # the whole pipeline runs once for this module (~1.5 min on 2 cores)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_spin_pairs_and_rewards(quickstart_out):
 
 
 def test_hf_export_loads_in_transformers(quickstart_out):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     out, _ = quickstart_out
     ours = Llama.load(out / "spin" / "iter2", kernels="torch")
     hf = transformers.LlamaForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()

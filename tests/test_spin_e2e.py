@@ -64,6 +64,7 @@ def test_sft_bad_data_is_a_clear_error(tiny_ckpt, tmp_path):
     assert r.returncode != 0 and "bad.jsonl:1" in r.stderr and "assistant" in r.stderr
 
 
+@pytest.mark.slow
 def test_spin_two_iterations_survive_a_kill(tiny_ckpt, chat_file, tmp_path):
     out = tmp_path / "spin"
     args = ["--ckpt", tiny_ckpt, "--data", chat_file, "--out", out, "--iterations", 2, "--num-prompts", 48,

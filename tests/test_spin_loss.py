@@ -39,7 +39,29 @@ def test_spin_gradient_raises_real_relative_to_generated():
     loss.backward()
     stepped = logits.detach() - 1.0 * logits.grad
     assert ratio(stepped).item() > ratio(logits.detach()).item() + 1e-3
-    # log-probs count response tokens only: changing a prompt position's logits changes nothing
-    other = logits.detach().clone()
-    other[:, 0] += 5.0
+
+
+def test_sequence_logps_ignores_masked_positions_only():
+    """Log-probs count response tokens only. The prompt positions' logits are replaced by
+    different random ones (a per-position constant would be invisible to log_softmax), and
+    the row sums must not move; the same change at a response position must move them."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, -100, 7, 8, 9, 2]])
+    ref = sequence_logps(logits, labels)
+    masked = labels == -100
+
+    other = logits.clone()
+    other[masked] = torch.randn(int(masked.sum()), 11) * 5.0
+    # The change really changes the log-probs of the labels at those positions...
+    changed = torch.log_softmax(other, -1)[masked] - torch.log_softmax(logits, -1)[masked]
+    assert changed.abs().amax().item() > 1.0
+    # ...and none of it reaches the sequence log-prob.
     torch.testing.assert_close(sequence_logps(other, labels), ref)
+
+    # The control: the same kind of change at one response position of row 0 does reach it.
+    response = other.clone()
+    response[0, 3] = torch.randn(11) * 5.0
+    moved = sequence_logps(response, labels)
+    assert abs(moved[0].item() - ref[0].item()) > 1e-2
+    torch.testing.assert_close(moved[1], ref[1])

@@ -1,0 +1,165 @@
+"""Bad input to finetune/sft.py and finetune/spin.py through the command line: each case
+is exit code 2 with a message naming the flag or file, and no checkpoint, state or
+half-written file left behind. (Runs the real scripts in subprocesses.)"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Config, Llama
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Config.from_name("tiny")  # vocab 512, context 128
+
+
+def save_ckpt(directory: Path, tokenizer: Path, config: Config = TINY, edit=None) -> Path:
+    torch.manual_seed(0)
+    model = Llama(config, kernels="torch")
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save(directory)
+    (directory / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return directory
+
+
+def answers_only_eos(model: Llama) -> None:
+    """Every position's logits favour EOS (id 2) by a wide margin: the blocks add nothing to
+    the residual stream, every token embeds to the same vector, and only lm_head's EOS row is
+    non-zero. Sampled answers are then EOS alone, i.e. empty."""
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            p.zero_()
+    model.embed.weight.fill_(1.0)
+    model.lm_head.weight.zero_()
+    model.lm_head.weight[2] = 1.0
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tiny_tokenizer) -> dict:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"ok": save_ckpt(root / "ok", tiny_tokenizer),
+            "small_vocab": save_ckpt(root / "small_vocab", tiny_tokenizer, Config.from_name("tiny", vocab_size=300)),
+            "eos": save_ckpt(root / "eos", tiny_tokenizer, edit=answers_only_eos)}
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    rows = [{"prompt_id": f"q{i}", "messages": [{"role": "user", "content": f"name {i}"},
+                                                 {"role": "assistant", "content": f"it is {i}"}]}
+            for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# spin.py flags that fit the tiny model's 128-token context, for cases about something else
+SPIN_SMALL = ["--iterations", 1, "--num-prompts", 16, "--max-new-tokens", 4, "--max-prompt-len", 32,
+              "--max-len", 64, "--gen-batch-size", 8, "--global-batch-size", 8, "--micro-batch-size", 4,
+              "--epochs", 1, "--no-progress"]
+
+
+def run(script: str, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "finetune" / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-3000:])
+
+
+def leftovers(out: Path) -> list[str]:
+    """Files in `out` that a refused run must not leave: checkpoints, state, temporaries."""
+    if not out.exists():
+        return []
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.name.startswith(".") or p.name in ("final", "state.json", "model.safetensors")
+                  or p.name.startswith("iter") and p.parent == out)
+
+
+BAD_FLAGS = {
+    ("sft.py", "max-seq-len beyond the context"): (
+        ["--max-seq-len", 129], "--max-seq-len 129 exceeds the model's block_size 128"),
+    ("sft.py", "batch sizes that do not divide"): (
+        ["--global-batch-size", 10, "--micro-batch-size", 4],
+        "--global-batch-size 10 must be a multiple of --micro-batch-size 4 x 1 device(s)"),
+    ("sft.py", "fewer rows than the global batch"): (
+        ["--num-examples", 8, "--global-batch-size", 16, "--micro-batch-size", 4],
+        "only 8 training rows but --global-batch-size is 16"),
+    ("spin.py", "max-len beyond the context"): (
+        ["--max-prompt-len", 32, "--max-new-tokens", 4, "--max-len", 200],
+        "--max-len 200 exceeds the model's context (128)"),
+    ("spin.py", "prompt + new tokens beyond the context"): (
+        ["--max-prompt-len", 100, "--max-new-tokens", 40],
+        "--max-prompt-len 100 + --max-new-tokens 40 exceeds the model's context (128)"),
+}
+
+
+@pytest.mark.parametrize("script,case", sorted(BAD_FLAGS))
+def test_bad_flags(ckpts, chat, tmp_path, script, case):
+    flags, message = BAD_FLAGS[script, case]
+    out = tmp_path / "out"
+    result = run(script, "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
+    assert_refused(result, message)
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("script", ["sft.py", "spin.py"])
+def test_tokenizer_larger_than_the_vocabulary(ckpts, chat, tmp_path, script):
+    out = tmp_path / "out"
+    flags = SPIN_SMALL if script == "spin.py" else []
+    result = run(script, "--ckpt", ckpts["small_vocab"], "--data", chat, "--out", out, *flags)
+    assert_refused(result, f"tokenizer {ckpts['small_vocab'] / 'tokenizer.model'} has 512 pieces",
+                   "vocab_size is 300")
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("script", ["sft.py", "spin.py"])
+@pytest.mark.parametrize("missing", ["ckpt", "data"])
+def test_missing_files(ckpts, chat, tmp_path, script, missing):
+    paths = {"ckpt": ckpts["ok"], "data": chat}
+    paths[missing] = tmp_path / f"no_such_{missing}"
+    out = tmp_path / "out"
+    flags = SPIN_SMALL if script == "spin.py" else []
+    result = run(script, "--ckpt", paths["ckpt"], "--data", paths["data"], "--out", out, *flags)
+    assert_refused(result, str(paths[missing]))
+    assert leftovers(out) == []
+
+
+def test_spin_corrupt_state_json(ckpts, chat, tmp_path):
+    out = tmp_path / "spin"
+    out.mkdir()
+    (out / "state.json").write_text('{"completed_iterations": ')
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *SPIN_SMALL)
+    assert_refused(result, f"{out / 'state.json'}: not valid JSON")
+    assert (out / "state.json").read_text() == '{"completed_iterations": '  # left for the user to look at
+    assert not (out / "work").exists() and not (out / "iter1").exists()
+
+
+def test_spin_with_no_pairs_to_train_on(ckpts, chat, tmp_path):
+    # Every generated answer is EOS alone (empty), so every pair is dropped.
+    out = tmp_path / "spin"
+    result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *SPIN_SMALL)
+    assert_refused(result, f"{out / 'work' / 'iter0' / 'pairs.jsonl'}: no pairs to train on",
+                   "see pairs_stats.json")
+    stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
+    assert stats["pairs"] == 0 and stats["dropped_empty"] == 16
+    assert not (out / "state.json").exists() and not (out / "iter1").exists()
+    assert not (out / "work" / "iter0" / "ref_logps.pt").exists()
+    assert [p.name for p in out.rglob(".*")] == []
+
+
+def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
+    out = tmp_path / "spin"
+    flags = [a if a != 8 else 10 for a in SPIN_SMALL]  # --gen-batch-size and --global-batch-size 10
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
+    assert_refused(result, "--global-batch-size 10 must be a multiple of --micro-batch-size 4 x 1 device(s)")
+    assert not (out / "state.json").exists() and not (out / "iter1").exists()
+    assert [p.name for p in out.rglob(".*")] == []
