@@ -179,6 +179,29 @@ def time_ms(step, leaves, device, rep: int) -> float:
     return statistics.median(times)
 
 
+def device_ms(step, leaves, device, iters: int = 10) -> float | None:
+    """Milliseconds the GPU spends in kernels (and copies) per call of `step`, read from the
+    profiler: the time the host takes to launch them is left out. On a host slower than the
+    GPU (a small op's launch and autograd bookkeeping take tens of microseconds), wall-clock
+    time measures the host; in training the GPU queue runs ahead and only device time counts."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for t in leaves:
+                t.grad = None
+            step()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.key_averages():
+        total_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return total_us / 1e3 / iters
+
+
 def peak_extra_mb(step, leaves, device) -> float | None:
     """Peak memory above what was allocated before one forward+backward (inputs excluded)."""
     if device.type != "cuda":
@@ -215,11 +238,14 @@ def run_case(case: Case, device, rep: int, copy_gbs: float) -> list[dict]:
             row["peak_mb"] = peak_extra_mb(step, leaves, device)
             # The forward alone, as training runs it (grad mode on, the graph dropped at once).
             row["fwd_ms"] = time_ms(functools.partial(fn, *args), (), device, rep)
+            row["dev_ms"] = device_ms(step, leaves, device)
             if case.bytes_moved:
                 row["gbs"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
                 row["pct_copy"] = 100 * row["gbs"] / copy_gbs
                 row["fwd_gbs"] = case.fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
                 row["fwd_pct_copy"] = 100 * row["fwd_gbs"] / copy_gbs
+                if row["dev_ms"]:
+                    row["dev_pct_copy"] = 100 * case.bytes_moved / (row["dev_ms"] * 1e-3) / 1e9 / copy_gbs
             if case.flops:
                 row["tflops"] = case.flops / (row["ms"] * 1e-3) / 1e12
                 row["fwd_tflops"] = case.fwd_flops / (row["fwd_ms"] * 1e-3) / 1e12
@@ -234,8 +260,9 @@ def run_case(case: Case, device, rep: int, copy_gbs: float) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     cols = (("ms", 9, ".3f"), ("gbs", 7, ".0f"), ("pct_copy", 6, ".1f"), ("tflops", 8, ".1f"), ("peak_mb", 8, ".0f"),
-            ("fwd_ms", 9, ".3f"), ("fwd_gbs", 7, ".0f"), ("fwd_pct_copy", 6, ".1f"), ("fwd_tflops", 8, ".1f"))
-    labels = ("ms", "GB/s", "%copy", "TFLOP/s", "peak MB", "fwd ms", "fwd GB/s", "%copy", "TFLOP/s")
+            ("fwd_ms", 9, ".3f"), ("fwd_gbs", 7, ".0f"), ("fwd_pct_copy", 6, ".1f"), ("fwd_tflops", 8, ".1f"),
+            ("dev_ms", 9, ".3f"), ("dev_pct_copy", 6, ".1f"))
+    labels = ("ms", "GB/s", "%copy", "TFLOP/s", "peak MB", "fwd ms", "fwd GB/s", "%copy", "TFLOP/s", "dev ms", "%copy")
     head = f"{'kernel':<27} {'tokens':>6} {'impl':<16}" + "".join(
         f" {label:>{w}}" for label, (_, w, _) in zip(labels, cols))
     lines = [head]
@@ -261,6 +288,8 @@ def summarize(rows: list[dict]) -> list[str]:
         parts = [f"{kernel} @ {tokens} tokens:"]
         if "pct_copy" in r:
             parts.append(f"{r['pct_copy']:.0f}% of copy BW")
+        if r.get("dev_pct_copy"):
+            parts.append(f"({r['dev_pct_copy']:.0f}% in device time)")
         for other in ("compile", "liger", "F.cross_entropy"):
             o = by.get((kernel, tokens, other))
             if o:

@@ -389,16 +389,17 @@ def format_kernels(k: dict) -> str:
              f"{_fmt(k.get('matmul_tflops'), ',.0f', 'n/a')} TFLOP/s; Liger-Kernel "
              f"{'importable' if k['liger'] else 'not installed'}", "",
              "| kernel | tokens | impl | fwd+bwd ms | GB/s | % copy | TFLOP/s | fwd ms | fwd GB/s | fwd % copy | "
-             "peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MB | fwd+bwd device ms | device % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in k["rows"]:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['tokens']} | {r['impl']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['kernel']} | {r['tokens']} | {r['impl']} | error: {r['error']} | | | | | | | | | |")
             continue
         tf = r.get("tflops")
         lines.append(f"| {r['kernel']} | {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {_fmt(r.get('gbs'), ',.0f')} | "
                      f"{_fmt(r.get('pct_copy'), '.0f')} | {_fmt(tf, '.0f')} | {_fmt(r.get('fwd_ms'), '.3f')} | "
                      f"{_fmt(r.get('fwd_gbs'), ',.0f')} | {_fmt(r.get('fwd_pct_copy'), '.0f')} | "
-                     f"{_fmt(r.get('peak_mb'), ',.0f')} |")
+                     f"{_fmt(r.get('peak_mb'), ',.0f')} | {_fmt(r.get('dev_ms'), '.3f')} | "
+                     f"{_fmt(r.get('dev_pct_copy'), '.0f')} |")
     if k["skipped"]:
         lines.append(f"\nskipped (time budget): {', '.join(k['skipped'])}")
     if k.get("attention"):
