@@ -1,7 +1,7 @@
 """Training metrics: the metrics.jsonl file, wandb (offline by default), and the numbers
 behind MFU and memory (peak FLOP/s by device name, peak memory).
 
-Shared with finetune/: `MetricsLogger`, `peak_flops_per_second`, `measure_peak_memory_gb`.
+Used through pretrain/engine.py by all three training scripts.
 Only rank 0 should create an enabled logger; other ranks pass enabled=False.
 """
 from __future__ import annotations
@@ -59,6 +59,15 @@ def measure_peak_memory_gb(device) -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if os.uname().sysname == "Darwin" else 1024) / 1e9
+
+
+def measure_peak_reserved_gb(device) -> float | None:
+    """Peak memory held by CUDA's caching allocator in GB (what the GPU really had to give);
+    None on CPU, where the peak RSS of `measure_peak_memory_gb` is the only figure."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return None
 
 
 def _jsonable(value):
