@@ -8,6 +8,7 @@ does); rank 0 writes RESULT.pt. Cases:
     accumulation  3 optimizer steps of 4 micro-batches: per-step losses and the number of
                   reduce-scatters per step (--sync-every-micro-batch emulates the old loop)
     clip          the engine's clipped gradient norm and the clipped full gradients
+    clip_mixed    the norm when sharded (DTensor) and plain gradients mix
     init          the full initial weights of init_model(seed)
     rope          the dtype of the cos/sin tables that reach apply_rope under a bf16 policy
 """
@@ -97,6 +98,33 @@ def case_clip(fabric, args) -> dict:
     return {"norm": norm, "grads": grads, "weights": full_state(model)}
 
 
+def mixed_model() -> torch.nn.Module:
+    """Two linears with fixed weights: the probe shards the first only."""
+    g = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def mixed_input() -> torch.Tensor:
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
+
+
+def case_clip_mixed(fabric, args) -> dict:
+    """Sharded and plain gradients together: the first linear under FSDP2, the second not
+    (the same input on every rank, so its plain gradient is the same everywhere)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = mixed_model()
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (fabric.world_size,)))
+    model(mixed_input()).square().sum().backward()
+    norm = clip_grad_norm(model, args.max_norm)
+    return {"norm": norm}
+
+
 def case_init(fabric, args) -> dict:
     torch.manual_seed(12345 + fabric.global_rank)  # whatever the global RNG holds must not matter
     return {"weights": full_state(init_model(fabric, CONFIG, "torch", seed=args.seed))}
@@ -120,7 +148,7 @@ def case_rope(fabric, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("case", choices=["accumulation", "clip", "init", "rope"])
+    p.add_argument("case", choices=["accumulation", "clip", "clip_mixed", "init", "rope"])
     p.add_argument("result", type=Path)
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

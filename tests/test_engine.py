@@ -78,7 +78,19 @@ def test_clip_norm_over_shards_equals_single_process_reference(tmp_path):
         torch.testing.assert_close(sharded["grads"][name], p.grad, atol=1e-6, rtol=0)
 
 
-def test_clip_norm_counts_plain_and_sharded_gradients():
+def test_clip_norm_with_sharded_and_plain_gradients_mixed(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from engine_probe import mixed_input, mixed_model
+
+    sharded = probe(tmp_path, "clip_mixed", "--devices", 2, "--max-norm", 0.5)
+    model = mixed_model()
+    model(mixed_input()).square().sum().backward()
+    reference = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    assert abs(float(sharded["norm"]) - float(reference)) < 1e-6 * float(reference), \
+        (float(sharded["norm"]), float(reference))
+
+
+def test_clip_norm_of_plain_gradients():
     """One process, no process group: plain gradients alone give the plain norm and are clipped."""
     from pretrain.parallel import clip_grad_norm
 
