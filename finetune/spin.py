@@ -218,7 +218,11 @@ class SpinRun:
     # 2. pairs -------------------------------------------------------------------------------
     def build_pairs(self, t: int) -> None:
         work = self.work_dir(t)
-        if (work / "pairs.jsonl").is_file():
+        done = (work / "pairs.jsonl").is_file()
+        # Every rank looks before rank 0 may write the file: a rank that looked later would skip
+        # the barrier below and pair its next collective with the wrong one (a hang).
+        self.fabric.barrier()
+        if done:
             return
         if self.rank == 0:
             generations = {row["index"]: row for row in _read_jsonl(work / "generations.jsonl")}
