@@ -23,7 +23,8 @@ from tqdm import tqdm
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
-from pretrain.engine import (Engine, FabricOptions, Throughput, TrainingError, build_optimizer, memory_metrics,
+from finetune.options import FinetuneOptions
+from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
                              mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
@@ -31,13 +32,9 @@ from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
 
 
 @dataclass(kw_only=True)
-class SFTOptions(FabricOptions):
-    """Every option of finetune/sft.py (and the shared --accelerator ... --wandb-mode)."""
+class SFTOptions(FinetuneOptions):
+    """Every option of finetune/sft.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
 
-    ckpt: Path = opt(help="pretrained checkpoint directory (ours, a training checkpoint, or HF Llama)")
-    data: Path = opt(help="UltraChat-format .jsonl or .parquet")
-    out: Path = opt(help="output directory (config.yaml, final/, metrics.jsonl)")
-    tokenizer: Path | None = opt(None, "sentencepiece .model; overrides CKPT/tokenizer.model")
     num_examples: int | None = opt(None, "use only the first N rows", minimum=1)
     max_seq_len: int | None = opt(None, "default: the model's block_size", minimum=2)
     epochs: int = opt(1, "passes over the data", minimum=1)
@@ -49,11 +46,8 @@ class SFTOptions(FabricOptions):
     min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr", minimum=0)
     warmup_ratio: float = opt(0.1, "linear warmup over this share of the steps", minimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay of the matrices", minimum=0)
-    grad_clip: float = opt(1.0, "global grad-norm clip; 0 disables", minimum=0)
-    max_skipped_steps: int = opt(10, "stop after this many non-finite steps in a row", minimum=1)
     seed: int = opt(1234, "seeds the data order")
     log_every: int = opt(1, "log metrics every N optimizer steps", minimum=1)
-    wandb_project: str | None = opt(None, "also log to this W&B project (offline by default)")
 
     def problems(self) -> list[str]:
         return [f"--min-lr-ratio must be <= 1, got {self.min_lr_ratio}"] if self.min_lr_ratio > 1 else []

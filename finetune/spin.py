@@ -50,11 +50,12 @@ from tqdm import tqdm
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
+from finetune.options import FinetuneOptions
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice
 from finetune.losses import sequence_logps, spin_loss
 from model.atomic import write_json, write_jsonl, write_torch
 from pretrain.checkpoint import load_model_from_any
-from pretrain.engine import (Engine, FabricOptions, Throughput, TrainingError, build_optimizer, memory_metrics,
+from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
                              mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
@@ -70,13 +71,9 @@ STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "ma
 
 
 @dataclass(kw_only=True)
-class SpinOptions(FabricOptions):
-    """Every option of finetune/spin.py (and the shared --accelerator ... --wandb-mode)."""
+class SpinOptions(FinetuneOptions):
+    """Every option of finetune/spin.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
 
-    ckpt: Path = opt(help="the SFT checkpoint θ0")
-    data: Path = opt(help="UltraChat-format .jsonl or .parquet (SFT data)")
-    out: Path = opt(help="output directory (re-run to resume)")
-    tokenizer: Path | None = opt(None, "sentencepiece .model; overrides CKPT/tokenizer.model")
     iterations: int = opt(4, "SPIN iterations", minimum=1)
     num_prompts: int = opt(50000, "first N rows of --data", minimum=1)
     # generation
@@ -99,12 +96,9 @@ class SpinOptions(FabricOptions):
     max_steps: int | None = opt(None, "cap on optimizer steps per iteration")
     global_batch_size: int = opt(64, "pairs per optimizer step, all ranks", minimum=1)
     micro_batch_size: int = opt(8, "pairs per forward (2x rows)", minimum=1)
-    grad_clip: float = opt(1.0, "global grad-norm clip; 0 disables", minimum=0)
-    max_skipped_steps: int = opt(10, "stop after this many non-finite steps in a row", minimum=1)
     no_previous_pairs: bool = opt(False, "train on this iteration's pairs only (the paper also keeps the "
                                          "previous iteration's)")
     seed: int = opt(42, "seeds generation and the data order")
-    wandb_project: str | None = opt(None, "also log to this W&B project (offline by default)")
     no_progress: bool = opt(False, "no progress bars")
 
     def problems(self) -> list[str]:

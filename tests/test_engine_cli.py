@@ -6,16 +6,15 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from model import Config, Llama
+from test_spin_e2e import chat_file, tiny_ckpt  # noqa: F401  (the same tiny checkpoint and chat data)
 
 REPO = Path(__file__).resolve().parents[1]
 FABRIC = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2"]
@@ -31,27 +30,6 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], env=env(), capture_output=True, text=True, timeout=400, **kw)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("ckpt") / "base"
-    torch.manual_seed(0)
-    Llama(Config.from_name("tiny"), kernels="torch").save(d)
-    shutil.copyfile(tiny_tokenizer, d / "tokenizer.model")
-    return d
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("chat") / "train.jsonl"
-    with path.open("w") as f:
-        for i in range(32):
-            a, b = i % 9, (i * 7) % 11
-            f.write(json.dumps({"prompt": f"add {a} {b}", "prompt_id": f"id{i}",
-                                "messages": [{"role": "user", "content": f"add {a} {b}"},
-                                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}"}]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
