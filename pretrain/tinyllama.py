@@ -307,6 +307,8 @@ def train(args: PretrainOptions) -> int:
         if progress is not None:
             progress.close()
 
+    if args.compile:
+        fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
     if last_saved != step:
         save(step)
     if exit_reason == "signal":
