@@ -9,7 +9,8 @@ finetune/chat.py; the loss covers the answer tokens (and its EOS) only.
 
 Output:
     SFT_DIR/final/        config.json, model.safetensors, tokenizer.model, chat_template.{json,jinja}
-    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, ...) + a final summary
+    SFT_DIR/config.yaml   the resolved options and backends (--run-config runs it again)
+    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
 
 Output layout:
     SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
+    SPIN_DIR/config.yaml                        resolved options and backends (--run-config resumes from it)
     SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
     SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration"
     SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
@@ -324,7 +325,7 @@ class SpinRun:
         if t == self.first_iteration:
             if self.rank == 0:
                 write_run_config(args.out, script_name(__file__), args, resolved)
-            print_run_description(fabric, resolved)
+            fabric.print(f"sharding: {resolved['sharding']}")
         engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
                         stop_hint=f"Stopping; iteration {t} restarts from θ{t} when re-run (lower --lr).")
         meter = Throughput(fabric.device)
@@ -371,6 +372,12 @@ class SpinRun:
     def run(self) -> None:
         args = self.args
         self.check_run_args()
+        # Options and backends are on record before generation starts; the first training
+        # stage rewrites the file with the measured sharding.
+        resolved = run_description(self.fabric, None, args.kernels)
+        if self.rank == 0:
+            write_run_config(args.out, script_name(__file__), args, resolved)
+        print_run_description(self.fabric, resolved)
         state = read_state(args.out)
         done = int(state.get("completed_iterations", 0))
         if done >= args.iterations:

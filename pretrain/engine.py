@@ -286,15 +286,19 @@ def graph_breaks() -> int:
 
 
 # ---- what runs ------------------------------------------------------------------------------
-def run_description(fabric, model: nn.Module, kernels_backend: str) -> dict:
-    """Resolved backends, precision and sharding: printed at start and stored in OUT/config.yaml."""
+def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> dict:
+    """Resolved backends, precision and sharding: printed at start and stored in OUT/config.yaml.
+
+    Without `model` (SPIN before its first training stage) the sharding is not known yet.
+    """
     precision = getattr(fabric, "train_precision", "32-true")
     compute = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     reduce_dtype = getattr(fabric, "reduce_dtype", torch.float32)
     return {
         "attention": attention_backend(fabric.device, compute),
         "kernels": kernels.resolve_backend(kernels_backend, fabric.device),
-        "sharding": sharding_description(model, fabric.world_size),
+        "sharding": sharding_description(model, fabric.world_size) if model is not None else
+        f"FSDP2 over {fabric.world_size} rank(s) (training stages)",
         "precision": precision,
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "world_size": fabric.world_size,
