@@ -1,15 +1,15 @@
-"""The options SFT and SPIN share, on top of the engine's (pretrain/engine.py FabricOptions)."""
+"""The options SFT and SPIN share, on top of the engine's (pretrain/engine.py CommonOptions)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.engine import FabricOptions
+from pretrain.engine import CommonOptions
 from pretrain.options import opt
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(FabricOptions):
+class FinetuneOptions(CommonOptions):
     ckpt: Path = opt(help="the starting checkpoint: our consolidated directory, a pretraining checkpoint "
                           "or output directory, or an HF Llama directory")
     data: Path = opt(help="UltraChat-format .jsonl or .parquet")

@@ -44,8 +44,8 @@ class TrainingError(RuntimeError):
 
 
 @dataclass(kw_only=True)
-class FabricOptions:
-    """The options of `setup_fabric` that all three scripts share (see pretrain/options.py)."""
+class CommonOptions:
+    """The options all three scripts share: the Fabric setup, the kernels, wandb (see pretrain/options.py)."""
 
     accelerator: str = opt("auto", "cpu, cuda or auto (fabric run's flags take over)")
     devices: str = opt("auto", "processes per node (fabric run's flags take over)")
@@ -61,7 +61,7 @@ class FabricOptions:
 
 
 # ---- Fabric, model, optimizer --------------------------------------------------------------
-def setup_fabric(options: FabricOptions, *, activation_checkpointing=False, compile=False,
+def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, compile=False,
                  seed: int | None = None):
     """Fabric + FSDP2 strategy, processes launched, every global RNG seeded with `seed`.
 

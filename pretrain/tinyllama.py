@@ -27,9 +27,9 @@ from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, reso
                                  save_training_checkpoint, step_dir_name)
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
                            validation_indices)
-from pretrain.engine import (MFU_CONVENTION, Engine, FabricOptions, Throughput, TrainingError, build_optimizer, graph_breaks,
-                             init_model, memory_metrics, mfu_metrics, print_run_description, run_description,
-                             setup_fabric)
+from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, TrainingError, build_optimizer,
+                             graph_breaks, init_model, memory_metrics, mfu_metrics, print_run_description,
+                             run_description, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
@@ -38,7 +38,7 @@ VAL_SEED = 20240101  # the validation windows do not depend on --seed, so runs s
 
 
 @dataclass(kw_only=True)
-class PretrainOptions(FabricOptions):
+class PretrainOptions(CommonOptions):
     """Every option of pretrain/tinyllama.py; the flag of field `micro_batch_size` is --micro-batch-size."""
 
     # model

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 import pretrain.engine as engine  # noqa: E402
 from model import Config  # noqa: E402
-from pretrain.engine import Engine, FabricOptions, build_optimizer, init_model, setup_fabric  # noqa: E402
+from pretrain.engine import CommonOptions, Engine, build_optimizer, init_model, setup_fabric  # noqa: E402
 from pretrain.parallel import clip_grad_norm, unwrap  # noqa: E402
 
 CONFIG = Config.from_name("tiny", block_size=16)
-GLOBAL_BATCH, MICRO = 8, 4 // 2  # global batch of 8 rows: per rank 4 rows in micro-batches of 1 or 2
+GLOBAL_BATCH = 8  # rows per optimizer step over all ranks; the probe splits each rank's share into micro-batches
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--max-norm", type=float, default=0.5)
     p.add_argument("--sync-every-micro-batch", action="store_true")
     args = p.parse_args()
-    fabric = setup_fabric(FabricOptions(accelerator="cpu", devices=str(args.devices), precision=args.precision),
+    fabric = setup_fabric(CommonOptions(accelerator="cpu", devices=str(args.devices), precision=args.precision),
                           seed=args.seed)
     result = globals()[f"case_{args.case}"](fabric, args)
     if fabric.global_rank == 0:

@@ -281,3 +281,19 @@ def test_mfu_names_both_conventions():
     assert m["mfu"] > m["mfu_6n"]  # attention FLOPs outweigh the embedding lookup
     assert "6·N_non-embedding" in MFU_CONVENTION and "6·N_total" in MFU_CONVENTION
     assert mfu_metrics(config, 2048, 1.0, 1, None) == {"mfu": None, "mfu_6n": None}
+
+
+# ---- one schedule for all three stages ------------------------------------------------------
+def test_one_schedule_covers_pretraining_and_finetuning():
+    from pretrain.schedule import lr_at, warmup_steps_from_ratio
+
+    warmup = warmup_steps_from_ratio(0.1, 100)
+    assert warmup == 10
+    assert lr_at(0, 1.0, 0.0, warmup, 100, "linear") == pytest.approx(0.1)  # first step not wasted
+    assert lr_at(9, 1.0, 0.0, warmup, 100, "linear") == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 0.0, warmup, 100, "linear") == pytest.approx(0.5)
+    assert lr_at(55, 1.0, 0.2, warmup, 100, "cosine") == pytest.approx(0.6)
+    assert lr_at(150, 1.0, 0.2, warmup, 100, "cosine") == pytest.approx(0.2)
+    assert lr_at(150, 1.0, 0.2, warmup, 100, "constant") == 1.0
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        lr_at(0, 1.0, 0.0, 0, 10, "step")
