@@ -13,8 +13,9 @@ setup(
     python_requires=">=3.10",
     packages=["model", "kernels", "data_prep", "pretrain", "finetune"],
     install_requires=[
-        "torch>=2.5,<3",
+        "torch>=2.6,<3",  # 2.6: fully_shard public, get_total_norm, clip_grads_with_norm_
         "lightning>=2.4",
+        "PyYAML>=6",  # OUT/config.yaml (pretrain/options.py)
         "sentencepiece>=0.2",
         "numpy>=1.24",
         "zstandard>=0.22",

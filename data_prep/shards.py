@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.atomic import atomic_path
+
 MAGIC = b"TLSHARD\x00"
 VERSION = 1
 HEADER_SIZE = 64
@@ -66,17 +68,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, *, vocab_size: int,
         raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
                          f"got [{int(tokens.min())}, {int(tokens.max())}]")
     header = ShardHeader(_DTYPES[dtype.itemsize], vocab_size, eos_id, int(tokens.size), num_docs)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.pack())
-            f.write(tokens.astype(header.dtype, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.pack())
+        f.write(tokens.astype(header.dtype, copy=False).tobytes())
     return header
 
 

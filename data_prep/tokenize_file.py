@@ -13,7 +13,6 @@ Both are written under a temporary name and renamed when complete, the .json las
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from data_prep import slimpajama, starcoder
 from data_prep.errors import INVALID_UTF8, BadInputReport
+from model.atomic import atomic_path, write_json
 
 READERS = {"slimpajama": slimpajama.read_documents, "starcoder": starcoder.read_documents}
 # Documents are encoded in batches (sentencepiece's batch call is much faster than one
@@ -68,9 +68,8 @@ def tokenize_file(source: str, index: int, path: str, display: str, work_dir: st
     processor, tokenizer = _worker["processor"], _worker["tokenizer"]
     report = BadInputReport(display, skip_bad)
     out_path = token_path(Path(work_dir), index)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     docs = tokens = text_bytes = 0
-    try:
+    with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as out:
             texts: list[str] = []
             batch_bytes = 0
@@ -101,12 +100,6 @@ def tokenize_file(source: str, index: int, path: str, display: str, work_dir: st
                     flush()
             if texts:
                 flush()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     stats = {"index": index, "input": display, "size": os.path.getsize(path), "documents": docs,
              "tokens": tokens, "text_bytes": text_bytes, "skipped": dict(report.skipped),
              "excluded": dict(report.excluded), "skipped_examples": report.examples}
@@ -132,16 +125,5 @@ def _count_progress(nbytes: int, ndocs: int, ntokens: int) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON under a temporary name, fsync, rename: readers see all of it or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """data_prep's JSON files (stats, run state, summary): sorted keys, written atomically."""
+    write_json(path, obj, indent=1, sort_keys=True)

@@ -1,4 +1,4 @@
-"""Data order, per-rank micro-batches and the learning-rate schedule shared by sft.py and spin.py.
+"""Data order and per-rank micro-batches shared by sft.py and spin.py (the schedule: pretrain/schedule.py).
 
 The order is a pure function of (seed, epoch): a re-run or a different number of GPUs sees the
 same global batches. A global batch is split into contiguous per-rank parts, each cut into
@@ -7,7 +7,6 @@ so every rank always does the same number of forward/backward passes (FSDP needs
 """
 from __future__ import annotations
 
-import math
 import random
 
 
@@ -32,21 +31,3 @@ def rank_micro_batches(batch: list[int], rank: int, world_size: int, micro_batch
     per_rank = len(batch) // world_size
     mine = batch[rank * per_rank:(rank + 1) * per_rank]
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
-
-
-def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str = "linear",
-          min_ratio: float = 0.0) -> float:
-    """Linear warmup over warmup_ratio·total steps, then linear or cosine decay to min_ratio·peak."""
-    warmup = int(round(warmup_ratio * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    if schedule == "cosine":
-        shape = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    elif schedule == "linear":
-        shape = max(1.0 - progress, 0.0)
-    elif schedule == "constant":
-        shape = 1.0
-    else:
-        raise ValueError(f"unknown --lr-schedule {schedule!r}; use linear, cosine or constant")
-    return peak * (min_ratio + (1 - min_ratio) * shape)

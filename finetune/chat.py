@@ -25,7 +25,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.files import write_text
+from model.atomic import write_text
 from finetune.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.chat import ChatTemplate
-from finetune.runtime import load_model_from_any, save_consolidated
+from pretrain.checkpoint import load_model_from_any, save_consolidated
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
 

@@ -31,8 +31,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor,
               ref_real_logps: torch.Tensor, ref_generated_logps: torch.Tensor,
-              beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean SPIN loss over the batch and its metrics (floats, detached)."""
+              beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean SPIN loss over the batch and its metrics (detached 0-dim tensors on the loss's device:
+    the training engine sums them there and reads them once per optimizer step, not per micro-batch)."""
     real_logratio = policy_real_logps - ref_real_logps
     generated_logratio = policy_generated_logps - ref_generated_logps
     logits = beta * (real_logratio - generated_logratio)
@@ -42,12 +43,12 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Ten
         rewards_real = beta * real_logratio
         rewards_generated = beta * generated_logratio
         metrics = {
-            "loss": loss.item(),
-            "rewards/real": rewards_real.mean().item(),
-            "rewards/generated": rewards_generated.mean().item(),
-            "rewards/accuracies": (rewards_real > rewards_generated).float().mean().item(),
-            "rewards/margins": (rewards_real - rewards_generated).mean().item(),
-            "logps/real": policy_real_logps.mean().item(),
-            "logps/generated": policy_generated_logps.mean().item(),
+            "loss": loss.detach(),
+            "rewards/real": rewards_real.mean(),
+            "rewards/generated": rewards_generated.mean(),
+            "rewards/accuracies": (rewards_real > rewards_generated).float().mean(),
+            "rewards/margins": (rewards_real - rewards_generated).mean(),
+            "logps/real": policy_real_logps.mean(),
+            "logps/generated": policy_generated_logps.mean(),
         }
     return loss, metrics

@@ -9,56 +9,55 @@ finetune/chat.py; the loss covers the answer tokens (and its EOS) only.
 
 Output:
     SFT_DIR/final/        config.json, model.safetensors, tokenizer.model, chat_template.{json,jinja}
-    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, ...) + a final summary
+    SFT_DIR/config.yaml   the resolved options and backends (--run-config runs it again)
+    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from finetune.batching import check_batch_sizes, epoch_batches, lr_at, rank_micro_batches
+from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
-from finetune.runtime import MetricsLogger, build_fabric, clip_grad_norm, setup_model
+from finetune.options import FinetuneOptions
+from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
+                             mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
+from pretrain.metrics import MetricsLogger, peak_flops_per_second
+from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
+from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True, help="pretrained checkpoint directory")
-    p.add_argument("--data", type=Path, required=True, help="UltraChat-format .jsonl or .parquet")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model; overrides CKPT/tokenizer.model")
-    p.add_argument("--num-examples", type=int, help="use only the first N rows")
-    p.add_argument("--max-seq-len", type=int, help="default: the model's block_size")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--global-batch-size", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--min-lr-ratio", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: bf16-mixed on CUDA, 32-true on CPU)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--wandb-project", help="also log to this W&B project (offline by default)")
-    p.add_argument("--wandb-mode", default="offline")
-    for action in p._actions:  # show every default in --help, not only of flags with a help text
-        if action.help is None:
-            action.help = " "
-    return p.parse_args(argv)
+@dataclass(kw_only=True)
+class SFTOptions(FinetuneOptions):
+    """Every option of finetune/sft.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
+
+    num_examples: int | None = opt(None, "use only the first N rows", minimum=1)
+    max_seq_len: int | None = opt(None, "default: the model's block_size", minimum=2)
+    epochs: int = opt(1, "passes over the data", minimum=1)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    global_batch_size: int = opt(64, "rows per optimizer step, all ranks", minimum=1)
+    micro_batch_size: int = opt(4, "rows per forward/backward per rank", minimum=1)
+    lr: float = opt(2e-5, "peak learning rate", minimum=0)
+    lr_schedule: str = opt("cosine", "decay after the warmup", choices=SHAPES)
+    min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr", minimum=0)
+    warmup_ratio: float = opt(0.1, "linear warmup over this share of the steps", minimum=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay of the matrices", minimum=0)
+    seed: int = opt(1234, "seeds the data order")
+    log_every: int = opt(1, "log metrics every N optimizer steps", minimum=1)
+
+    def problems(self) -> list[str]:
+        return [f"--min-lr-ratio must be <= 1, got {self.min_lr_ratio}"] if self.min_lr_ratio > 1 else []
+
+
+def parse_args(argv=None) -> SFTOptions:
+    return parse_options(SFTOptions, argv, description=__doc__.split("\n\n")[0],
+                         epilog="Every run writes its resolved options to OUT/config.yaml; "
+                                "`python finetune/sft.py --run-config OUT/config.yaml` runs it again.")
 
 
 def tokenize_rows(examples, encoder: ChatEncoder, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -74,13 +73,12 @@ def collate(rows, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def run(args: argparse.Namespace) -> Path:
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    fabric = build_fabric(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                          precision=args.precision)
-    fabric.launch()
-    fabric.seed_everything(args.seed)
+def n_targets(row) -> int:
+    return len(row[1]) - row[1].count(IGNORE_INDEX)
 
+
+def run(args: SFTOptions) -> Path:
+    fabric = setup_fabric(args, seed=args.seed)
     model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels)
     max_len = args.max_seq_len or model.config.block_size
     if max_len > model.config.block_size:
@@ -94,52 +92,55 @@ def run(args: argparse.Namespace) -> Path:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
 
-    model = setup_model(fabric, model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
-    optimizer = fabric.setup_optimizers(optimizer)
+    config = model.config
+    model = shard_model(fabric, model)
+    optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    resolved = run_description(fabric, model, args.kernels)
+    if fabric.global_rank == 0:
+        write_run_config(args.out, script_name(__file__), args, resolved)
     logger = MetricsLogger(args.out, enabled=fabric.global_rank == 0, wandb_project=args.wandb_project,
-                           wandb_mode=args.wandb_mode, run_config=vars(args) | {"stage": "sft"})
+                           wandb_mode=args.wandb_mode, run_config=as_dict(args) | {"stage": "sft"})
     fabric.print(f"SFT: {len(rows)} rows ({encoder.stats.prompts_truncated} prompts and "
                  f"{encoder.stats.responses_truncated} responses truncated to {max_len} tokens), "
                  f"{total_steps} steps of {args.global_batch_size} rows, {fabric.world_size} device(s)")
+    print_run_description(fabric, resolved)
 
-    step, t0, tokens_seen = 0, time.perf_counter(), 0
+    engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
+                    stop_hint="Stopping without saving; lower --lr or check the data.")
+    meter = Throughput(fabric.device)
+    peak = peak_flops_per_second(fabric.device)
+    warmup = warmup_steps_from_ratio(args.warmup_ratio, total_steps)
+    world = fabric.world_size
+    step = 0
     bar = tqdm(total=total_steps, desc="sft", disable=fabric.global_rank != 0)
     model.train()
     for epoch in range(args.epochs):
         for batch in epoch_batches(len(rows), args.global_batch_size, args.seed, epoch):
             if step >= total_steps:
                 break
-            lr = lr_at(step, total_steps, args.lr, args.warmup_ratio, args.lr_schedule, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(step, args.lr, args.lr * args.min_lr_ratio, warmup, total_steps, args.lr_schedule)
             # Every rank knows the whole global batch, so the token-weighted mean needs no communication.
-            global_targets = sum(len(rows[i][1]) - rows[i][1].count(IGNORE_INDEX) for i in batch)
-            loss_sum = 0.0
-            for micro in rank_micro_batches(batch, fabric.global_rank, fabric.world_size, args.micro_batch_size):
+            global_targets = max(sum(n_targets(rows[i]) for i in batch), 1)
+            micro_batches = rank_micro_batches(batch, fabric.global_rank, world, args.micro_batch_size)
+
+            def loss_fn(micro):
                 ids, labels = collate([rows[i] for i in micro], tok.pad_id, fabric.device)
-                n = int((labels != IGNORE_INDEX).sum())
+                meter.add(int(ids.numel()) * world, len(micro) * world)  # padded tokens, rank 0 x world
+                n = sum(n_targets(rows[i]) for i in micro)  # from the host lists: no device sync
                 loss = model(ids, targets=labels)
-                # mean over the micro-batch -> sum -> share of the global mean; x world_size
-                # because FSDP averages gradients over ranks.
-                scaled = loss * n / max(global_targets, 1) * fabric.world_size
-                fabric.backward(scaled)
-                loss_sum += loss.item() * n
-                tokens_seen += int(ids.numel())
-            grad_norm = clip_grad_norm(model, args.grad_clip) \
-                if args.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                # micro-batch mean -> sum -> share of the global mean; x world_size because FSDP
+                # averages gradients over ranks.
+                return loss * n / global_targets * world, {"loss_sum": loss.detach() * n}
+
+            result = engine.step(micro_batches, loss_fn, lr, step_number=step + 1)
             step += 1
-            local_loss = torch.tensor(loss_sum, device=fabric.device)
-            mean_loss = float(fabric.all_reduce(local_loss, reduce_op="sum")) / max(global_targets, 1)
-            elapsed = time.perf_counter() - t0
-            metrics = {"loss": mean_loss, "lr": lr, "epoch": epoch,
-                       "tokens_per_s": tokens_seen * fabric.world_size / elapsed}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+            mean_loss = result.sums["loss_sum"] / global_targets
             if step % args.log_every == 0 or step == total_steps:
+                rate = meter.read()
+                metrics = {"loss": mean_loss, "lr": lr, "epoch": epoch, "grad_norm": result.grad_norm,
+                           "tokens_per_sec": rate["tokens_per_sec"],
+                           **mfu_metrics(config, rate["mean_seq_len"], rate["tokens_per_sec"], world, peak),
+                           **memory_metrics(fabric.device), "skipped_steps": engine.skipped_steps}
                 logger.log(metrics, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

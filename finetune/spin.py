@@ -17,6 +17,7 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
 
 Output layout:
     SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
+    SPIN_DIR/config.yaml                        resolved options and backends (--run-config resumes from it)
     SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
     SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration"
     SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
@@ -39,23 +40,27 @@ of θt, which is fine up to a few billion parameters per GPU; training is sharde
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from finetune.batching import check_batch_sizes, epoch_batches, lr_at, rank_micro_batches
+from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
-from finetune.files import write_json, write_jsonl, write_torch
+from finetune.options import FinetuneOptions
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice
 from finetune.losses import sequence_logps, spin_loss
-from finetune.runtime import (MetricsLogger, build_fabric, clip_grad_norm, load_model_from_any,
-                              setup_model)
+from model.atomic import write_json, write_jsonl, write_torch
+from pretrain.checkpoint import load_model_from_any
+from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
+                             mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
+from pretrain.metrics import MetricsLogger, peak_flops_per_second
+from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
+from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
 
 __all__ = ["spin_loss", "main"]
 
@@ -66,51 +71,45 @@ STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "ma
                "temperature", "top_p", "seed", "beta", "no_previous_pairs")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True, help="the SFT checkpoint θ0")
-    p.add_argument("--data", type=Path, required=True, help="UltraChat-format .jsonl or .parquet (SFT data)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (re-run to resume)")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model; overrides CKPT/tokenizer.model")
-    p.add_argument("--iterations", type=int, default=4)
-    p.add_argument("--num-prompts", type=int, default=50000, help="first N rows of --data")
+@dataclass(kw_only=True)
+class SpinOptions(FinetuneOptions):
+    """Every option of finetune/spin.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
+
+    iterations: int = opt(4, "SPIN iterations", minimum=1)
+    num_prompts: int = opt(50000, "first N rows of --data", minimum=1)
     # generation
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-prompt-len", type=int, default=512, help="prompts keep their last tokens")
-    p.add_argument("--max-len", type=int, default=1024, help="prompt + answer tokens in training")
-    p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    max_new_tokens: int = opt(256, "tokens generated per answer", minimum=1)
+    max_prompt_len: int = opt(512, "prompts keep their last tokens", minimum=1)
+    max_len: int = opt(1024, "prompt + answer tokens in training", minimum=2)
+    gen_batch_size: int = opt(16, "prompts per generation batch", minimum=1)
+    temperature: float = opt(1.0, "0 = greedy", minimum=0)
+    top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
     # training
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-7, help="learning rate of the first iterations")
-    p.add_argument("--lr-later", type=float, default=1e-7, help="learning rate from --lr-drop-iteration on")
-    p.add_argument("--lr-drop-iteration", type=int, default=2)
-    p.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "constant"])
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=3, help="epochs per iteration")
-    p.add_argument("--max-steps", type=int, help="cap on optimizer steps per iteration")
-    p.add_argument("--global-batch-size", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward (2x rows)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--no-previous-pairs", action="store_true",
-                   help="train on this iteration's pairs only (the paper also keeps the previous iteration's)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: bf16-mixed on CUDA, 32-true on CPU)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--wandb-project")
-    p.add_argument("--wandb-mode", default="offline")
-    p.add_argument("--no-progress", action="store_true")
-    for action in p._actions:  # show every default in --help, not only of flags with a help text
-        if action.help is None:
-            action.help = " "
-    return p.parse_args(argv)
+    beta: float = opt(0.1, "SPIN/DPO temperature β")
+    lr: float = opt(5e-7, "learning rate of the first iterations", minimum=0)
+    lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
+    lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
+    lr_schedule: str = opt("linear", "decay after the warmup", choices=SHAPES)
+    warmup_ratio: float = opt(0.1, "linear warmup over this share of each iteration's steps", minimum=0)
+    optimizer: str = opt("rmsprop", "the paper uses RMSprop", choices=["rmsprop", "adamw"])
+    weight_decay: float = opt(0.0, "weight decay of the matrices", minimum=0)
+    epochs: int = opt(3, "epochs per iteration", minimum=1)
+    max_steps: int | None = opt(None, "cap on optimizer steps per iteration")
+    global_batch_size: int = opt(64, "pairs per optimizer step, all ranks", minimum=1)
+    micro_batch_size: int = opt(8, "pairs per forward (2x rows)", minimum=1)
+    no_previous_pairs: bool = opt(False, "train on this iteration's pairs only (the paper also keeps the "
+                                         "previous iteration's)")
+    seed: int = opt(42, "seeds generation and the data order")
+    no_progress: bool = opt(False, "no progress bars")
+
+    def problems(self) -> list[str]:
+        return [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+
+
+def parse_args(argv=None) -> SpinOptions:
+    return parse_options(SpinOptions, argv, description=__doc__.split("\n\n")[0],
+                         epilog="Every run writes its resolved options to OUT/config.yaml; re-running the same "
+                                "command (or `python finetune/spin.py --run-config OUT/config.yaml`) resumes it.")
 
 
 # ---- small file helpers --------------------------------------------------------------------
@@ -132,12 +131,9 @@ def read_state(out: Path) -> dict:
 
 # ---- the stages ----------------------------------------------------------------------------
 class SpinRun:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: SpinOptions):
         self.args = args
-        devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-        self.fabric = build_fabric(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                                   precision=args.precision)
-        self.fabric.launch()
+        self.fabric = setup_fabric(args, seed=args.seed)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels)
@@ -152,7 +148,8 @@ class SpinRun:
         self.examples = read_chat(args.data, limit=args.num_prompts)
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
         self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
-                                    wandb_mode=args.wandb_mode, run_config=vars(args) | {"stage": "spin"})
+                                    wandb_mode=args.wandb_mode, run_config=as_dict(args) | {"stage": "spin"})
+        self.peak_flops = peak_flops_per_second(self.fabric.device)
         self.global_step = 0
         # Generation/reference run in the training precision's compute dtype (bf16 on GPUs by default).
         precision = getattr(self.fabric, "train_precision", None) or args.precision or ""
@@ -216,7 +213,11 @@ class SpinRun:
     # 2. pairs -------------------------------------------------------------------------------
     def build_pairs(self, t: int) -> None:
         work = self.work_dir(t)
-        if (work / "pairs.jsonl").is_file():
+        done = (work / "pairs.jsonl").is_file()
+        # Every rank looks before rank 0 may write the file: a rank that looked later would skip
+        # the barrier below and pair its next collective with the wrong one (a hang).
+        self.fabric.barrier()
+        if done:
             return
         if self.rank == 0:
             generations = {row["index"]: row for row in _read_jsonl(work / "generations.jsonl")}
@@ -283,6 +284,11 @@ class SpinRun:
             write_torch(final, merged)
         self.fabric.barrier()
 
+    @staticmethod
+    def padded_len(chunk: list[dict]) -> int:
+        """Length of the padded rows `policy_logps` builds for `chunk` (from the host lists)."""
+        return max(len(sft_row(p["prompt_ids"], ids)[0]) for p in chunk for ids in (p["real_ids"], p["generated_ids"]))
+
     def policy_logps(self, model, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the real and generated answers, one forward of 2x rows.
 
@@ -313,48 +319,49 @@ class SpinRun:
         if args.max_steps:
             total = min(total, args.max_steps)
 
-        model = setup_model(fabric, load_model_from_any(self.model_dir(t), kernels=args.kernels))
-        params = [p for p in model.parameters() if p.requires_grad]
-        if args.optimizer == "rmsprop":
-            optimizer = torch.optim.RMSprop(params, lr=peak_lr, weight_decay=args.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=args.weight_decay)
-        optimizer = fabric.setup_optimizers(optimizer)
+        model = shard_model(fabric, load_model_from_any(self.model_dir(t), kernels=args.kernels))
+        optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
+        resolved = run_description(fabric, model, args.kernels)
+        if t == self.first_iteration:
+            if self.rank == 0:
+                write_run_config(args.out, script_name(__file__), args, resolved)
+            fabric.print(f"sharding: {resolved['sharding']}")
+        engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
+                        stop_hint=f"Stopping; iteration {t} restarts from θ{t} when re-run (lower --lr).")
+        meter = Throughput(fabric.device)
+        warmup = warmup_steps_from_ratio(args.warmup_ratio, total)
         model.train()
         step = 0
         bar = tqdm(total=total, desc=f"iter{t} train", disable=args.no_progress or self.rank != 0)
-        t0 = time.perf_counter()
         for epoch in range(args.epochs):
             for global_batch in epoch_batches(len(pairs), batch, args.seed + t, epoch):
                 if step >= total:
                     break
-                lr = lr_at(step, total, peak_lr, args.warmup_ratio, args.lr_schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                sums: dict[str, float] = {}
-                for micro in rank_micro_batches(global_batch, self.rank, self.world, args.micro_batch_size):
+                lr = lr_at(step, peak_lr, 0.0, warmup, total, args.lr_schedule)
+
+                def loss_fn(micro):
                     chunk = [pairs[i] for i in micro]
                     real, gen = self.policy_logps(model, chunk)
                     idx = torch.tensor(micro)
                     loss, m = spin_loss(real, gen, ref_real[idx].to(real.device), ref_gen[idx].to(real.device),
                                         args.beta)
+                    rows = 2 * len(chunk)
+                    meter.add(rows * self.padded_len(chunk) * self.world, rows * self.world)
                     # micro-batch mean -> share of the global-batch mean (x world: FSDP averages over ranks)
-                    fabric.backward(loss * len(micro) / batch * self.world)
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v * len(micro)
-                grad_norm = clip_grad_norm(model, args.grad_clip) \
-                    if args.grad_clip > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    return loss * len(micro) / batch * self.world, {k: v * len(micro) for k, v in m.items()}
+
+                micro_batches = rank_micro_batches(global_batch, self.rank, self.world, args.micro_batch_size)
+                result = engine.step(micro_batches, loss_fn, lr, step_number=step + 1)
                 step += 1
                 self.global_step += 1
-                keys = sorted(sums)
-                summed = fabric.all_reduce(torch.tensor([sums[k] for k in keys], device=fabric.device),
-                                           reduce_op="sum")
-                metrics = {k: float(v) / batch for k, v in zip(keys, summed)}
-                metrics.update(lr=lr, epoch=epoch, pairs_per_s=step * batch / (time.perf_counter() - t0))
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
+                rate = meter.read()
+                metrics = {k: v / batch for k, v in result.sums.items()}
+                metrics.update(lr=lr, epoch=epoch, grad_norm=result.grad_norm,
+                               pairs_per_s=rate["tokens_per_sec"] / max(rate["mean_seq_len"], 1) / 2,
+                               tokens_per_sec=rate["tokens_per_sec"],
+                               **mfu_metrics(self.config, rate["mean_seq_len"], rate["tokens_per_sec"], self.world,
+                                             self.peak_flops),
+                               **memory_metrics(fabric.device), skipped_steps=engine.skipped_steps)
                 self.log(t, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -365,12 +372,19 @@ class SpinRun:
     def run(self) -> None:
         args = self.args
         self.check_run_args()
+        # Options and backends are on record before generation starts; the first training
+        # stage rewrites the file with the measured sharding.
+        resolved = run_description(self.fabric, None, args.kernels)
+        if self.rank == 0:
+            write_run_config(args.out, script_name(__file__), args, resolved)
+        print_run_description(self.fabric, resolved)
         state = read_state(args.out)
         done = int(state.get("completed_iterations", 0))
         if done >= args.iterations:
             self.fabric.print(f"{args.out}: all {args.iterations} iterations already complete")
         if done:
             self.fabric.print(f"resuming after {done} completed iteration(s)")
+        self.first_iteration = done
         for t in range(done, args.iterations):
             cached = {}
 
@@ -398,7 +412,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         SpinRun(args).run()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

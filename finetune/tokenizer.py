@@ -13,20 +13,27 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 class Tokenizer:
-    """A thin wrapper over SentencePieceProcessor with the few calls finetune needs."""
+    """A thin wrapper over SentencePieceProcessor with the few calls finetune needs.
+
+    The file is read and checked by data_prep's `load_tokenizer`, the repository's one
+    tokenizer loader, so a model file is judged the same way when shards are made and when
+    a model is fine-tuned.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
+        from data_prep.errors import DataPrepError
+        from data_prep.tokenizer import load_tokenizer as read_tokenizer
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer {self.path} not found (pass a sentencepiece .model file)")
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except Exception as e:  # sentencepiece raises bare RuntimeErrors/OSErrors
-            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from e
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
+            loaded = read_tokenizer(self.path)
+        except DataPrepError as e:
+            raise ValueError(str(e)) from e
+        self.sp = loaded.processor()
+        self.bos_id, self.eos_id = loaded.bos_id, loaded.eos_id
+        if self.bos_id < 0:
             raise ValueError(f"{self.path}: the tokenizer needs BOS and EOS pieces "
                              f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
         # Right padding uses the EOS id: padded positions are always masked out of every loss.

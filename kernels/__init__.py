@@ -33,12 +33,23 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """'auto' means Triton on CUDA (when installed) and PyTorch elsewhere."""
+    """'auto' means Triton on CUDA and PyTorch elsewhere.
+
+    On CUDA the PyTorch references need about twice the activation memory of the fused
+    kernels, so 'auto' never falls back to them quietly: without a working Triton it is an
+    error, and the references run on a GPU only when asked for with kernels='torch'.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if not triton_available():
+            raise RuntimeError("kernels='auto' on CUDA needs Triton, which did not import; install it "
+                               "(pip install triton) or pass --kernels torch to run the PyTorch references "
+                               "(about twice the activation memory)")
+        return "triton"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("kernels='triton' but triton is not installed; "

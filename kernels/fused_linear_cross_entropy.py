@@ -77,8 +77,11 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_rows):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_rows, grad_enabled):
+        # needs_input_grad follows requires_grad only; under torch.no_grad() (validation,
+        # reference log-probs) no gradient is wanted, so none is computed.
+        need_dh = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
         dtype = _compute_dtype(hidden, weight)
         h_all, w = hidden.to(dtype), weight.to(dtype)  # no-ops unless autocast changes the dtype
         targets = targets.contiguous()
@@ -128,7 +131,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_out.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_out.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -159,4 +162,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     check_targets("fused_linear_cross_entropy", targets, hidden.shape[0])
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"kernels.fused_linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), float(z_loss), chunk_rows)
+    # Grad mode is read here: inside autograd.Function.forward it is always off.
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), float(z_loss), chunk_rows,
+                                          torch.is_grad_enabled())

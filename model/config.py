@@ -66,7 +66,9 @@ class Config:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from model.atomic import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

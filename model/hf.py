@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from model.atomic import atomic_path, write_json
 from model.config import Config
 from model.llama import Llama
 
@@ -196,15 +197,11 @@ def save_hf(model: Llama, directory: str | os.PathLike, dtype: torch.dtype | Non
         state = {k: v.to(dtype) for k, v in state.items()}
     dtype = state["embed.weight"].dtype
     hf_state = state_dict_to_hf(state, model.config)
-    tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
-    try:
+    with atomic_path(directory / "model.safetensors") as tmp:
         save_file(hf_state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    (directory / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype, bos_id, eos_id), indent=2))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": model.config.block_size}, indent=2))
+    write_json(directory / "config.json", config_to_hf(model.config, dtype, bos_id, eos_id))
+    write_json(directory / "generation_config.json",
+               {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": model.config.block_size})
     return directory
 
 

@@ -14,12 +14,14 @@ that weight unsharded there and the full logits are never materialised.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import kernels
+from model.atomic import atomic_path
 from model.attention import attention
 from model.config import Config
 
@@ -34,6 +36,22 @@ def rope_cache(config: Config, length: int, device=None) -> tuple[torch.Tensor, 
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def _seeded_normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill `p` (a tensor or a sharded DTensor) from N(0, std²) drawn whole with a generator of its own."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    if local.is_meta:
+        return
+    generator = torch.Generator(device=local.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    full = torch.empty(p.shape, dtype=local.dtype, device=local.device)
+    nn.init.normal_(full, mean=0.0, std=std, generator=generator)
+    if local is not p:
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank cuts its own shard from its identical copy, no communication.
+        full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    local.copy_(full)
 
 
 class RMSNorm(nn.Module):
@@ -142,13 +160,18 @@ class Llama(nn.Module):
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Initialise every parameter in place (also after to_empty() of a meta-device build).
 
         Weights are normal with the "small init" std sqrt(2 / 5d) (as GPT-NeoX and TinyLlama);
         the two projections that write into the residual stream (attention output and MLP
         down) use GPT-NeoX's 2 / (L·sqrt(d)) so the residual variance does not grow with depth.
         Norm weights start at one. On the meta device this costs nothing.
+
+        Without `seed` the draws come from the global RNG, one parameter after another. With
+        `seed` each parameter gets its own generator seeded from (seed, its name) and is drawn
+        whole, then each rank keeps its shard (parameters may be FSDP2 DTensors): the same
+        seed gives the same weights on any number of ranks, whatever any RNG was before.
         """
         d, n_layer = self.config.n_embd, self.config.n_layer
         std = (2.0 / (5.0 * d)) ** 0.5
@@ -156,10 +179,12 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if p.ndim == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+                continue
+            sd = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else std
+            if seed is None:
+                nn.init.normal_(p, mean=0.0, std=sd)
             else:
-                nn.init.normal_(p, mean=0.0, std=std)
+                _seeded_normal_(p, sd, seed, name)
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin of shape (block_size, head_dim) on `device`, computed once per device."""
@@ -288,16 +313,9 @@ class Llama(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp_weights = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        tmp_config = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        try:
-            save_file(state, str(tmp_weights), metadata={"format": "pt"})
-            self.config.save(tmp_config)
-            os.replace(tmp_weights, directory / WEIGHTS_FILE)
-            os.replace(tmp_config, directory / CONFIG_FILE)
-        finally:
-            tmp_weights.unlink(missing_ok=True)
-            tmp_config.unlink(missing_ok=True)
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        self.config.save(directory / CONFIG_FILE)
         return directory
 
     @classmethod

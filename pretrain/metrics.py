@@ -1,8 +1,7 @@
 """Training metrics: the metrics.jsonl file, wandb (offline by default), and the numbers
 behind MFU and memory (peak FLOP/s by device name, peak memory).
 
-Shared with finetune/: `MetricsLogger`, `peak_flops_per_second`, `measure_peak_memory_gb`,
-`measure_peak_reserved_gb`.
+Used through pretrain/engine.py by all three training scripts.
 Only rank 0 should create an enabled logger; other ranks pass enabled=False.
 """
 from __future__ import annotations
@@ -63,8 +62,8 @@ def measure_peak_memory_gb(device) -> float:
 
 
 def measure_peak_reserved_gb(device) -> float | None:
-    """Peak memory CUDA's caching allocator reserved from the device, in GB (what `nvidia-smi`
-    sees, fragmentation included); None on CPU, where it has no meaning."""
+    """Peak memory held by CUDA's caching allocator in GB (what the GPU really had to give);
+    None on CPU, where the peak RSS of `measure_peak_memory_gb` is the only figure."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_reserved(device) / 1e9

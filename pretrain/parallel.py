@@ -1,25 +1,24 @@
-"""FSDP2 through Lightning Fabric: build the Fabric, shard the model, clip gradients.
+"""FSDP2 through Lightning Fabric: the strategy, the sharding of the model, gradient sync and norm.
 
-Shared with finetune/: `build_fabric`, `parallelize`, `setup_model` are its entry points.
+pretrain/engine.py drives these; nothing else should need them.
 
 Every rank holds 1/W of each parameter (`fully_shard` per transformer block, then the
 root for embedding, final norm and lm_head). With `--precision bf16-mixed` the sharded
 master weights and optimizer state stay fp32; FSDP2 all-gathers bf16 copies for compute
-and reduce-scatters gradients in fp32 (MixedPrecisionPolicy). There is no autocast: the
-kernels keep norms/softmax/CE in fp32 themselves. The same code runs on CPU with gloo.
+and reduce-scatters gradients in `--reduce-dtype` (fp32 by default; TinyLlama reduced in
+bf16). There is no autocast: the kernels keep norms/softmax/CE in fp32 themselves. The same
+code runs on CPU with gloo.
 """
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from lightning.fabric.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
@@ -35,10 +34,15 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
-def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtypes(precision: str, reduce_dtype: str = "fp32") -> tuple[torch.dtype, torch.dtype]:
     """(param_dtype for compute, reduce_dtype for gradient reduction)."""
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"--reduce-dtype {reduce_dtype!r} is not supported; choose one of {', '.join(REDUCE_DTYPES)}")
     if precision == "bf16-mixed":
-        return torch.bfloat16, torch.float32
+        return torch.bfloat16, REDUCE_DTYPES[reduce_dtype]
     if precision == "32-true":
         return torch.float32, torch.float32
     raise ValueError(f"--precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
@@ -47,7 +51,9 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 def _checkpointed_forward(forward, *args, **kwargs):
     # Non-reentrant checkpointing keeps kwargs and works with FSDP2's hooks: the block's
     # parameters are unsharded by FSDP's pre-backward hook before the recomputation runs.
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # Nothing in a block is random (no dropout), so the RNG state need not be saved and
+    # restored around every recomputation.
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.float32,
@@ -61,7 +67,9 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
     """
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names and \
         "data_parallel" in device_mesh.mesh_dim_names else device_mesh
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # cast_forward_inputs=False: a block's inputs are the hidden states (already in the compute
+    # dtype, from the bf16 embedding) and the RoPE cos/sin tables, which must stay fp32.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.layers:
         if activation_checkpointing:
             block.forward = functools.partial(_checkpointed_forward, block.forward)
@@ -89,7 +97,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None,
+def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None, reduce_dtype="fp32",
                  activation_checkpointing=False, compile=False) -> L.Fabric:
     """A Fabric whose strategy shards models with FSDP2 (see `parallelize`).
 
@@ -99,14 +107,15 @@ def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None
     Call `launch(fabric)` next.
     """
     precision = precision or default_precision(accelerator)
-    param_dtype, reduce_dtype = precision_dtypes(precision)
-    parallelize_fn = functools.partial(parallelize, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+    param_dtype, reduce_torch_dtype = precision_dtypes(precision, reduce_dtype)
+    parallelize_fn = functools.partial(parallelize, param_dtype=param_dtype, reduce_dtype=reduce_torch_dtype,
                                        activation_checkpointing=activation_checkpointing, compile=compile)
     strategy = FSDP2Strategy(parallelize_fn=parallelize_fn, save_distributed_checkpoint=True)
     # Mixed precision is done by FSDP2's policy, so Fabric itself runs "32-true" (no autocast).
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision="32-true")
     fabric.train_precision = precision
+    fabric.reduce_dtype = reduce_torch_dtype
     return fabric
 
 
@@ -122,48 +131,52 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
-def setup_model(fabric: L.Fabric, model: nn.Module, seed: int | None = None) -> nn.Module:
-    """fabric.setup_module (which shards) and, for a meta-device build, real initialisation.
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduce-scatters gradients (FSDP2). Off for all but the last
+    micro-batch of a step: the unsharded gradients then accumulate locally (in the reduce
+    dtype) and are reduced once per optimizer step."""
+    inner = unwrap(model)
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(enabled)  # recurses into the blocks
 
-    Build the 1.1B model under `torch.device("meta")` (or `fabric.init_module(empty_init=True)`)
-    so no rank allocates full weights: Fabric materialises the shards with `to_empty` and
-    runs the generic `reset_parameters` of nn.Linear/Embedding, which is not our init, so
-    `init_weights` runs again on the shards. Seed every rank the same (`seed`): on CUDA,
-    DTensor's RNG then gives each shard its part of one global random stream.
-    A model built with real weights (a loaded checkpoint, or the CPU tests) is sharded as is.
-    """
-    built_on_meta = any(p.is_meta for p in model.parameters())
-    with warnings.catch_warnings():
-        # Fabric warns that RMSNorm has no reset_parameters(); init_weights below covers it.
-        warnings.filterwarnings("ignore", message="Parameter initialization incomplete")
-        wrapped = fabric.setup_module(model)
-    if built_on_meta:
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="DTensor random operators")
-            unwrap(wrapped).init_weights()
-    return wrapped
+
+def sharding_description(model: nn.Module, world_size: int) -> str:
+    """How the model is distributed, in words, e.g. "FSDP2 over 2 rank(s): rank 0 holds 79,008 of 158,016"."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    sharded = isinstance(unwrap(model), FSDPModule)
+    kind = "FSDP2" if sharded else "not sharded"
+    return f"{kind} over {world_size} rank(s): rank 0 holds {local:,} of {total:,} parameter elements"
 
 
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global L2 norm of all gradients (over all shards and ranks); scales them to `max_norm`.
+    """Global L2 norm of all gradients (over all shards and ranks); scales them to `max_norm` (<= 0: no clip).
 
-    Computed on the local shards and summed with one all-reduce, so the value is the same
-    on every rank; returned as an fp32 scalar (may be inf/nan, which the caller checks).
+    `torch.nn.utils.get_total_norm` over the DTensor gradients gives a partial norm that
+    `full_tensor()` all-reduces; gradients that are plain tensors (not sharded, so the same
+    on every rank) are added to it locally. The norm stays on the device (no host sync);
+    it may be inf/nan, which the caller checks once per step.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in local]).sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
-            and all(isinstance(g, DTensor) for g in grads):
-        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-    total = sq.sqrt()
-    if max_norm is not None and max_norm > 0 and torch.isfinite(total):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in local:
-            g.mul_(coef.to(g.device, g.dtype))
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    squares = []
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded, norm_type=2.0, foreach=True)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
+    if plain:
+        norm = torch.nn.utils.get_total_norm(plain, norm_type=2.0, foreach=True)
+        squares.append(norm.float().to(squares[0].device if squares else norm.device) ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    if max_norm is not None and max_norm > 0:
+        # Scales by min(1, max_norm / total) on the device; with a non-finite total the step is skipped anyway.
+        with_grad = [p for p in model.parameters() if p.grad is not None]
+        for group in ([p for p in with_grad if isinstance(p.grad, DTensor)],
+                      [p for p in with_grad if not isinstance(p.grad, DTensor)]):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

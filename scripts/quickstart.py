@@ -208,16 +208,15 @@ def write_tokenizer_text(corpus: Path, out: Path) -> None:
     data_prep's own readers so the tokenizer sees exactly what gets tokenized."""
     from data_prep import slimpajama, starcoder
     from data_prep.errors import BadInputReport
+    from model.atomic import atomic_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for reader, files in ((slimpajama, slimpajama.find_inputs(corpus / "slimpajama", "train")),
                               (starcoder, starcoder.find_inputs(corpus / "starcoder" / "train"))):
             for path in files:
                 for _, text in reader.read_documents(path, BadInputReport(str(path), skip_bad=False)):
                     f.write(text.strip() + "\n")
-    os.replace(tmp, out)
 
 
 def _has_cuda() -> bool:

@@ -31,7 +31,7 @@ def test_profile_step_prints_table_and_writes_trace(tmp_path):
     trace = json.loads((tmp_path / "out" / "profile" / "step-rank0.json").read_text())
     assert trace["traceEvents"]
     # --no-save: no checkpoint and no final model, only the metrics and the profile
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.jsonl", "profile"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "metrics.jsonl", "profile"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
@@ -39,4 +39,4 @@ def test_profile_step_prints_table_and_writes_trace(tmp_path):
 def test_profile_step_must_be_positive(tmp_path):
     proc = _run(tmp_path, "--profile-step", "0")
     assert proc.returncode == 2
-    assert "--profile-step must be a step number >= 1" in proc.stderr
+    assert "--profile-step must be positive, got 0" in proc.stderr

@@ -1,0 +1,316 @@
+"""The training engine shared by pretraining (pretrain/tinyllama.py), SFT and SPIN (finetune/).
+
+Each script keeps its data and its loss; everything else about training is here, once:
+
+    setup_fabric        Fabric with the FSDP2 strategy (pretrain/parallel.py), launched unless
+                        `fabric run`/torchrun already made the processes, global RNGs seeded
+    init_model          a model built on the meta device, sharded, then initialised from --seed
+                        (the same weights on any number of ranks); `shard_model` for loaded ones
+    build_optimizer     AdamW or RMSprop, no weight decay on norm weights
+    Engine.step         one optimizer step: micro-batches with the gradient sync only on the
+                        last one, clip, skip of a non-finite step; the loss sums stay on the
+                        device and are read once per step
+    Throughput          tokens/s over training time only (validation and saving are paused out)
+    mfu_metrics         MFU in two conventions; `memory_metrics` peak allocated and reserved
+    run_description     the resolved attention/kernel backends, precision and sharding, printed
+                        at start and stored in OUT/config.yaml
+
+docs/pretrain.md ("The engine") explains the choices.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+import kernels
+from model import Config, Llama
+from model.attention import attention_backend
+from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
+from pretrain.options import opt
+from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, build_fabric, clip_grad_norm, default_precision, launch,
+                               set_gradient_sync, sharding_description, unwrap)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
+
+
+@dataclass(kw_only=True)
+class CommonOptions:
+    """The options all three scripts share: the Fabric setup, the kernels, wandb (see pretrain/options.py)."""
+
+    accelerator: str = opt("auto", "cpu, cuda or auto (fabric run's flags take over)")
+    devices: str = opt("auto", "processes per node (fabric run's flags take over)")
+    num_nodes: int = opt(1, "nodes (fabric run's flags take over)", minimum=1)
+    precision: str | None = opt(None, "default: bf16-mixed on CUDA, 32-true on CPU", choices=PRECISIONS)
+    reduce_dtype: str = opt("fp32", "dtype of the gradient reduce-scatter under bf16-mixed (TinyLlama: bf16)",
+                            choices=sorted(REDUCE_DTYPES))
+    kernels: str = opt("auto", "kernel backend: auto = Triton on CUDA (an error if Triton is missing), "
+                               "PyTorch references on CPU; torch = the references everywhere",
+                       choices=list(kernels.BACKENDS))
+    wandb_mode: str = opt("offline", "offline writes OUT/wandb and never uses the network; `wandb sync` "
+                                     "uploads later", choices=["offline", "online", "disabled"])
+
+
+# ---- Fabric, model, optimizer --------------------------------------------------------------
+def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, compile=False,
+                 seed: int | None = None):
+    """Fabric + FSDP2 strategy, processes launched, every global RNG seeded with `seed`.
+
+    `options.precision` None: bf16-mixed on CUDA, 32-true on CPU (`fabric.train_precision` holds the choice).
+    """
+    precision = options.precision or default_precision(os.environ.get("LT_ACCELERATOR", options.accelerator))
+    devices = options.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    fabric = build_fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
+                          precision=precision, reduce_dtype=options.reduce_dtype,
+                          activation_checkpointing=activation_checkpointing, compile=compile)
+    launch(fabric)
+    if seed is not None:
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed_everything(seed, verbose=False)
+    return fabric
+
+
+def shard_model(fabric, model: nn.Module) -> nn.Module:
+    """fabric.setup_module: applies FSDP2 (pretrain/parallel.py) and materialises a meta-device build."""
+    with warnings.catch_warnings():
+        # Fabric warns that RMSNorm has no reset_parameters(); init_weights covers every parameter.
+        warnings.filterwarnings("ignore", message="Parameter initialization incomplete")
+        # ...and that DTensor's RNG is incomplete on CPU: init_weights(seed) does not use it.
+        warnings.filterwarnings("ignore", message="DTensor random operators")
+        return fabric.setup_module(model)
+
+
+def init_model(fabric, config: Config, kernels_backend: str, seed: int) -> nn.Module:
+    """A freshly initialised, sharded Llama: no rank ever holds the full fp32 weights.
+
+    Built on the meta device, sharded and materialised by Fabric (which runs the generic
+    reset_parameters, not ours), then `init_weights(seed)` draws every parameter from its
+    own seeded generator, so the weights depend on --seed only: not on the world size, and
+    not on whatever used the RNGs before.
+    """
+    with torch.device("meta"):
+        model = Llama(config, kernels=kernels_backend)
+    wrapped = shard_model(fabric, model)
+    unwrap(wrapped).init_weights(seed=seed)
+    return wrapped
+
+
+def build_optimizer(fabric, model: nn.Module, *, name: str = "adamw", lr: float, weight_decay: float = 0.0,
+                    betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW or RMSprop over the trainable parameters; matrices decay, norm weights do not
+    (decaying a norm's gain towards zero only hurts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if name == "adamw":
+        # On CUDA the fused AdamW updates every parameter in a few kernels instead of a dozen
+        # launches per tensor group; the CPU keeps the default implementation.
+        fused = True if fabric.device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    elif name == "rmsprop":
+        optimizer = torch.optim.RMSprop(groups, lr=lr, eps=eps)
+    else:
+        raise ValueError(f"--optimizer {name!r} is not supported; choose adamw or rmsprop")
+    return fabric.setup_optimizers(optimizer)
+
+
+# ---- the optimizer step --------------------------------------------------------------------
+@dataclass
+class StepResult:
+    sums: dict[str, float]  # what loss_fn reported, summed over micro-batches and ranks
+    grad_norm: float        # before clipping; may be nan/inf
+    skipped: bool           # non-finite loss or gradient norm: no update
+
+
+LossFn = Callable[[object], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class Engine:
+    """Optimizer steps with gradient accumulation, for any loss.
+
+    `step(micro_batches, loss_fn, lr)` calls `loss_fn(micro)` for each micro-batch; it returns
+    (the tensor to backpropagate, already scaled to its share of the step's loss, and a dict of
+    detached statistics to sum). FSDP2 averages gradients over ranks, so a loss that is a mean
+    over the whole global batch is `micro mean x micro size / global size x world size`.
+
+    Only the last micro-batch reduce-scatters gradients; earlier ones accumulate them unsharded
+    in the reduce dtype. The statistics and the gradient norm are summed on the device and
+    copied to the host once per step, which the skip decision needs anyway.
+    """
+
+    def __init__(self, fabric, model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float,
+                 max_skipped_steps: int = 10, skipped_steps: int = 0, stop_hint: str = ""):
+        self.fabric, self.model, self.optimizer = fabric, model, optimizer
+        self.grad_clip = grad_clip
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = skipped_steps  # over the whole run (restored on resume)
+        self.consecutive_skips = 0
+        self.stop_hint = stop_hint
+
+    def step(self, micro_batches: Iterable, loss_fn: LossFn, lr: float, step_number: int) -> StepResult:
+        """One optimizer step; `step_number` (1-based) is for messages only."""
+        fabric = self.fabric
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        items = list(micro_batches)
+        if not items:
+            raise ValueError("an optimizer step needs at least one micro-batch")
+        sums: dict[str, torch.Tensor] = {}
+        try:
+            for i, micro in enumerate(items):
+                set_gradient_sync(self.model, i == len(items) - 1)
+                loss, stats = loss_fn(micro)
+                fabric.backward(loss)
+                for key, value in stats.items():
+                    value = value.detach().float().reshape(())
+                    sums[key] = sums[key] + value if key in sums else value
+        finally:
+            set_gradient_sync(self.model, True)
+        keys = sorted(sums)
+        vector = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, device=fabric.device)
+        if fabric.world_size > 1 and keys:
+            vector = fabric.all_reduce(vector, reduce_op="sum")
+        norm = clip_grad_norm(self.model, self.grad_clip)
+        host = torch.cat([vector.float(), norm.reshape(1).float().to(vector.device)]).tolist()  # the step's one sync
+        values, grad_norm = dict(zip(keys, host[:-1])), host[-1]
+        skipped = not all(math.isfinite(v) for v in host)
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            fabric.print(f"step {step_number}: non-finite {shown} / grad norm {grad_norm}; update skipped "
+                         f"({self.consecutive_skips} in a row)")
+        else:
+            self.optimizer.step()
+            self.consecutive_skips = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.consecutive_skips >= self.max_skipped_steps:
+            first = step_number - self.consecutive_skips + 1
+            raise TrainingError(
+                f"the loss or gradient norm was non-finite for {self.consecutive_skips} steps in a row "
+                f"(steps {first}..{step_number}; limit --max-skipped-steps {self.max_skipped_steps}). "
+                f"{self.stop_hint}")
+        return StepResult(values, grad_norm, skipped)
+
+
+# ---- throughput, MFU, memory ---------------------------------------------------------------
+class Throughput:
+    """Tokens per second over the time spent training, in windows between two `read()`s.
+
+    Validation and checkpoint saves run inside `paused()`, whose time is left out, so the
+    rate does not dip at every validation. `clock` is replaceable for tests.
+    """
+
+    def __init__(self, device, clock: Callable[[], float] = time.perf_counter):
+        self.device = torch.device(device)
+        self.clock = clock
+        self._restart()
+
+    def _restart(self) -> None:
+        self.window_start = self.clock()
+        self.paused_seconds = 0.0
+        self.data_wait = 0.0
+        self.tokens = 0
+        self.sequences = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def add(self, tokens: int, sequences: int) -> None:
+        self.tokens += tokens
+        self.sequences += sequences
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    @contextmanager
+    def paused(self):
+        self._sync()  # queued training work belongs to training time
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.paused_seconds += self.clock() - start
+
+    def read(self) -> dict:
+        """tokens/s, training seconds, mean sequence length and data-wait share of the window; starts the next."""
+        self._sync()
+        seconds = max(self.clock() - self.window_start - self.paused_seconds, 1e-9)
+        out = {"tokens_per_sec": self.tokens / seconds, "train_seconds": seconds,
+               "mean_seq_len": self.tokens / self.sequences if self.sequences else 0.0,
+               "data_wait_share": self.data_wait / seconds}
+        self._restart()
+        return out
+
+
+MFU_CONVENTION = "mfu: FLOPs/token = 6·N_non-embedding + 12·L·d·T; mfu_6n: 6·N_total (TinyLlama's)"
+
+
+def mfu_metrics(config: Config, seq_len: float, tokens_per_sec: float, world_size: int,
+                peak_flops: float | None) -> dict:
+    """Model FLOPs utilisation in two conventions (None where the device's peak is unknown, e.g. CPU).
+
+    mfu      6·N_non-embedding + 12·L·d·T per token: the matmuls that run, attention included
+             (the embedding is a lookup, not a matmul)
+    mfu_6n   6·N_total per token, TinyLlama's convention (its 56% on A100s), for comparison
+    """
+    if not peak_flops:
+        return {"mfu": None, "mfu_6n": None}
+    budget = peak_flops * world_size
+    return {"mfu": config.flops_per_token(max(1, round(seq_len))) * tokens_per_sec / budget,
+            "mfu_6n": 6 * config.num_params * tokens_per_sec / budget}
+
+
+def memory_metrics(device) -> dict:
+    return {"peak_memory_gb": measure_peak_memory_gb(device), "peak_reserved_gb": measure_peak_reserved_gb(device)}
+
+
+def graph_breaks() -> int:
+    """torch.compile graph breaks so far in this process (0 without --compile)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(sum(counters["graph_break"].values()))
+
+
+# ---- what runs ------------------------------------------------------------------------------
+def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> dict:
+    """Resolved backends, precision and sharding: printed at start and stored in OUT/config.yaml.
+
+    Without `model` (SPIN before its first training stage) the sharding is not known yet.
+    """
+    precision = getattr(fabric, "train_precision", "32-true")
+    compute = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    reduce_dtype = getattr(fabric, "reduce_dtype", torch.float32)
+    return {
+        "attention": attention_backend(fabric.device, compute),
+        "kernels": kernels.resolve_backend(kernels_backend, fabric.device),
+        "sharding": sharding_description(model, fabric.world_size) if model is not None else
+        f"FSDP2 over {fabric.world_size} rank(s) (training stages)",
+        "precision": precision,
+        "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
+        "world_size": fabric.world_size,
+        "device": torch.cuda.get_device_name(fabric.device) if fabric.device.type == "cuda" else str(fabric.device),
+        "torch": torch.__version__,
+    }
+
+
+def print_run_description(fabric, description: dict) -> None:
+    fabric.print("backends: " + ", ".join(f"{k} {description[k]}" for k in
+                                         ("attention", "kernels", "precision", "reduce_dtype", "device")))
+    fabric.print(f"sharding: {description['sharding']}")
