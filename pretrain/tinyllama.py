@@ -311,7 +311,9 @@ def train(args: PretrainOptions) -> int:
         fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
     if last_saved != step:
         save(step)
-    if exit_reason == "signal":
+    if exit_reason == "signal" and args.no_save:
+        fabric.print(f"received a stop signal at step {step}; --no-save: nothing saved")
+    elif exit_reason == "signal":
         fabric.print(f"received a stop signal: saved {ckpt_root / step_dir_name(step)}; continue with --resume auto")
     elif step >= args.max_steps and not args.no_save:
         save_consolidated(fabric, model, out / "final", tokenizer=args.tokenizer)
