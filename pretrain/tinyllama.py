@@ -6,10 +6,13 @@
 
 The defaults are TinyLlama's recipe (context 2048, 1024 sequences ≈ 2M tokens per step,
 AdamW 4e-4, betas 0.9/0.95, wd 0.1, 2000 warmup steps, cosine to 4e-5, clip 1.0, bf16).
-The loop: each optimizer step reads this rank's micro-batches of the global batch (a
-pure function of the seed and the step, see pretrain/data.py), accumulates gradients,
-clips, skips the update if the loss or gradient norm is non-finite, and logs, validates,
-checkpoints, and stops cleanly on SIGTERM/SIGUSR1 at step boundaries.
+This file holds what is particular to pretraining: its options, the data (each optimizer
+step reads this rank's micro-batches of the global batch, a pure function of the seed and
+the step, see pretrain/data.py), the loss, validation, checkpoints and the stop on
+SIGTERM/SIGUSR1 at step boundaries. The optimizer step itself (accumulation with one
+gradient sync, clipping, the non-finite skip), the seeded sharded init and the throughput
+and MFU accounting are the engine's (pretrain/engine.py, shared with SFT and SPIN).
+The resolved options go to OUT/config.yaml; `--run-config OUT/config.yaml` starts the run again.
 """
 from __future__ import annotations
 
@@ -366,7 +369,9 @@ def train(args: PretrainOptions) -> int:
         fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
     if last_saved != step:
         save(step)
-    if exit_reason == "signal":
+    if exit_reason == "signal" and args.no_save:
+        fabric.print(f"received a stop signal at step {step}; --no-save: nothing saved")
+    elif exit_reason == "signal":
         fabric.print(f"received a stop signal: saved {ckpt_root / step_dir_name(step)}; continue with --resume auto")
     elif step >= args.max_steps and not args.no_save:
         save_consolidated(fabric, model, out / "final", tokenizer=args.tokenizer)

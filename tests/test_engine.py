@@ -297,3 +297,13 @@ def test_one_schedule_covers_pretraining_and_finetuning():
     assert lr_at(150, 1.0, 0.2, warmup, 100, "constant") == 1.0
     with pytest.raises(ValueError, match="--lr-schedule"):
         lr_at(0, 1.0, 0.0, 0, 10, "step")
+
+
+def test_reduce_dtype_option():
+    from pretrain.parallel import precision_dtypes
+
+    assert precision_dtypes("bf16-mixed") == (torch.bfloat16, torch.float32)  # fp32 reduction by default
+    assert precision_dtypes("bf16-mixed", "bf16") == (torch.bfloat16, torch.bfloat16)  # TinyLlama's
+    assert precision_dtypes("32-true", "bf16") == (torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="--reduce-dtype"):
+        precision_dtypes("bf16-mixed", "fp16")
