@@ -43,8 +43,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                    temperature: float = 0.0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
-    """Generated ids per prompt (EOS included when the row stopped on it)."""
+                   generator: torch.Generator | None = None, on_token=None) -> list[list[int]]:
+    """Generated ids per prompt (EOS included when the row stopped on it).
+
+    `on_token(tokens)`, when given, sees each step's (B,) tensor of new ids as soon as it is
+    sampled (streaming to a terminal); an exception it raises stops decoding.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch needs at least one prompt and no empty prompt")
     device = model.lm_head.weight.device
@@ -68,6 +72,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
         tok = _sample(logits[:, -1], temperature, top_p, generator)
         tok = tok.masked_fill(finished, pad_id)  # rows already done keep feeding padding
         steps.append(tok)
+        if on_token is not None:
+            on_token(tok)
         finished |= tok == eos_id
         if step == max_new_tokens - 1 or bool(finished.all()):
             break

@@ -60,3 +60,27 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 512) -> Path:
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """Path to a 512-piece sentencepiece model trained for this test session."""
     return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """One random `tiny` model saved three ways, each with the tiny tokenizer: "base" (our
+    consolidated format, no chat template, like a pretrained model), "sft" (plus the default
+    chat_template.json, like an SFT/SPIN output) and "hf" (an HF export with its Jinja template)."""
+    import shutil
+
+    from finetune.chat import ChatTemplate
+    from model import Config, Llama
+    from model.hf import save_hf, save_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_ckpts")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny"), kernels="torch")
+    paths = {name: root / name for name in ("base", "sft", "hf")}
+    for name in ("base", "sft"):
+        model.save(paths[name])
+        shutil.copyfile(tiny_tokenizer, paths[name] / "tokenizer.model")
+    ChatTemplate().save(paths["sft"])
+    save_hf(model, paths["hf"])
+    save_hf_tokenizer(tiny_tokenizer, paths["hf"], chat_template=ChatTemplate().jinja())
+    return paths
