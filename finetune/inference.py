@@ -22,6 +22,31 @@ from pretrain.checkpoint import resolve_model_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def add_model_and_sampling_args(parser, max_new_tokens: int, max_new_tokens_help: str) -> None:
+    """The command-line options generate.py and chat.py share (checkpoint, device, sampling)."""
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory: our consolidated "
+                        "format, a pretraining checkpoint or output directory, or an HF Llama directory")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely "
+                        "tokens whose probability adds up to this")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
+    parser.add_argument("--tokenizer", type=Path, help="sentencepiece .model to use instead of "
+                        "the checkpoint's tokenizer.model")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on a GPU, else fp32")
+
+
+def check_sampling_args(parser, args) -> None:
+    """Reject impossible values the way argparse does (usage line, exit code 2)."""
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """"auto" is the GPU when there is one, else the CPU; asking for CUDA without one is an error."""
     if name == "auto":

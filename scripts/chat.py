@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from finetune.conversation import Conversation, find_chat_format
-from finetune.inference import (DTYPES, load_for_inference, make_generator, new_token_budget, pick_device,
-                                stream_answer)
+from finetune.inference import (add_model_and_sampling_args, check_sampling_args, load_for_inference,
+                                make_generator, new_token_budget, pick_device, stream_answer)
 from pretrain.checkpoint import CheckpointError
 
 HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -30,25 +29,12 @@ HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (any format the project reads)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer; the conversation is cut to "
-                   "leave room for it (for at most half the context)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely tokens "
-                   "whose probability adds up to this")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed for the session")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on a GPU, else fp32")
+    add_model_and_sampling_args(p, 256, "longest answer; the oldest turns are dropped to leave room for it "
+                                "(for at most half the context)")
     p.add_argument("--verbose", action="store_true", help="print each prompt (text and token ids) and each "
                    "answer's ids to stderr")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
+    check_sampling_args(p, args)
     return args
 
 

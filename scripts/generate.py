@@ -15,36 +15,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from finetune.inference import (DTYPES, load_for_inference, make_generator, new_token_budget, pick_device,
-                                stream_answer)
+from finetune.inference import (add_model_and_sampling_args, check_sampling_args, load_for_inference,
+                                make_generator, new_token_budget, pick_device, stream_answer)
 from pretrain.checkpoint import CheckpointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (any format the project reads)")
+    add_model_and_sampling_args(p, 200, "at most this many new tokens (fewer when the prompt leaves "
+                                "less room in the model's context)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens "
-                   "(fewer when the prompt leaves less room in the model's context)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely tokens "
-                   "whose probability adds up to this")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
-    p.add_argument("--tokenizer", type=Path, help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on a GPU, else fp32")
     p.add_argument("--verbose", action="store_true", help="print the model, the prompt's and the generated "
                    "token ids to stderr")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
+    check_sampling_args(p, args)
     return args
 
 
