@@ -15,7 +15,7 @@ from finetune.inference import TextStream
 from finetune.tokenizer import Tokenizer
 
 SCRIPT = "scripts/generate.py"
-PROMPT = "the model reads tokens and"
+PROMPT = "print the loss"  # the tiny model continues it with "▁to": the space must survive streaming
 
 
 def run_generate(root, *args):
@@ -99,10 +99,10 @@ def test_text_stream_pieces_add_up_to_the_decoded_text(tiny_tokenizer):
     """Streaming prints exactly the decoded text, even when characters span byte pieces."""
     tok = Tokenizer(tiny_tokenizer)
     context = [tok.bos_id] + tok.encode("Prompt:")
-    answer = tok.encode(" naïve café 日本語 ✓ the model")
+    answer = tok.encode("the model Ω€😀 naïve")  # "Ω€😀" are byte pieces in the tiny tokenizer
     stream = TextStream(tok, context)
     pieces = [stream.push(i) for i in answer] + [stream.flush()]
-    assert "".join(pieces) == tok.decode(context + answer)[len(tok.decode(context)):]
+    assert "".join(pieces) == tok.decode(context + answer)[len(tok.decode(context)):] == " the model Ω€😀 naïve"
     assert "\ufffd" not in "".join(pieces)
     assert any(p == "" for p in pieces)  # a multi-byte character was held back until complete
 
