@@ -96,13 +96,21 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
 
 
 @pytest.mark.parametrize("template", ["ours", "zephyr"])
-def test_jinja_template_ids_equal_transformers(template, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("which", ["tiny", "llama2"])
+def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, tmp_path):
+    """An HF directory's template gives transformers' ids; for our template these are also the
+    ids of ChatEncoder.conversation_ids, the layout SFT trained on."""
     transformers = pytest.importorskip("transformers")
+    from conftest import LLAMA2_TOKENIZER
     from model.hf import save_hf_tokenizer
 
+    path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER
+    if not path.exists():
+        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
     jinja = ChatTemplate().jinja() if template == "ours" else ZEPHYR
-    save_hf_tokenizer(tiny_tokenizer, tmp_path, chat_template=jinja)
-    fmt = find_chat_format(tmp_path, Tokenizer(tiny_tokenizer))
+    save_hf_tokenizer(path, tmp_path, chat_template=jinja)
+    tok = Tokenizer(path)
+    fmt = find_chat_format(tmp_path, tok)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     turns = [("def f(x): return x", "It adds one.\nDone"), ("naïve café 日本語", "ok ✓")]
     for k in range(len(turns) + 1):
@@ -111,6 +119,8 @@ def test_jinja_template_ids_equal_transformers(template, tiny_tokenizer, tmp_pat
         expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert fmt.ids(turns[:k], "and the loss?") == list(expected)
+        if template == "ours":
+            assert ChatEncoder(tok, ChatTemplate()).conversation_ids(turns[:k], "and the loss?") == list(expected)
 
 
 def test_missing_or_mismatched_tokenizer_is_exit_2(tiny_checkpoints, tiny_tokenizer, tmp_path, request):
