@@ -70,6 +70,11 @@ def main(argv=None) -> int:
     conversation = Conversation(fmt, max_prompt_len=block - min(args.max_new_tokens, block // 2))
     generator = make_generator(loaded, args.seed)
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+        except ImportError:
+            pass
 
     note(f"chat with {loaded.describe()}")
     if fmt.is_default:

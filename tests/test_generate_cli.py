@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -29,13 +30,32 @@ def ids_after(label: str, stderr: str) -> list[int]:
     return json.loads(match.group(1))
 
 
-@pytest.mark.parametrize("fmt", ["sft", "hf", "pretrain_out"])
+def write_training_checkpoint(consolidated, step_dir):
+    """A pretraining checkpoint as pretrain/checkpoint.py lays it out (DCP state, config, tokenizer,
+    COMPLETE marker), holding only the model weights, which is all that generation reads."""
+    import torch.distributed.checkpoint as dcp
+
+    from model import Llama
+
+    model = Llama.load(consolidated, kernels="torch")
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(step_dir / "state"), no_dist=True)
+    model.config.save(step_dir / "config.json")
+    shutil.copyfile(consolidated / "tokenizer.model", step_dir / "tokenizer.model")
+    (step_dir / "COMPLETE").write_text("")
+
+
+@pytest.mark.parametrize("fmt", ["sft", "hf", "pretrain_final", "pretrain_step", "pretrain_out"])
 def test_greedy_matches_transformers(fmt, tiny_checkpoints, tiny_tokenizer, tmp_path, request):
     transformers = pytest.importorskip("transformers")
-    ckpt = tiny_checkpoints["sft" if fmt == "pretrain_out" else fmt]
-    if fmt == "pretrain_out":  # a pretraining --out directory: the weights and tokenizer are in final/
+    ckpt = tiny_checkpoints.get(fmt)
+    if fmt == "pretrain_final":  # a pretraining --out directory: the weights and tokenizer are in final/
         shutil.copytree(tiny_checkpoints["base"], tmp_path / "run" / "final")
         ckpt = tmp_path / "run"
+    if fmt in ("pretrain_step", "pretrain_out"):  # a training checkpoint, or an --out dir holding only those
+        write_training_checkpoint(tiny_checkpoints["base"], tmp_path / "run" / "checkpoints" / "step-000010")
+        ckpt = tmp_path / "run" / "checkpoints" / "step-000010" if fmt == "pretrain_step" else tmp_path / "run"
     result = run_generate(request.config.rootpath, "--ckpt", ckpt, "--prompt", PROMPT, "--temperature", 0,
                           "--max-new-tokens", 24, "--verbose")
     assert result.returncode == 0, result.stderr
