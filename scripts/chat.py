@@ -90,38 +90,42 @@ def main(argv=None) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    for message in read_messages(interactive):
-        command = message.strip()
-        if not command:
-            continue
-        if command in ("/quit", "/exit"):
-            break
-        if command == "/reset":
-            conversation.reset()
-            note("(new conversation)")
-            continue
-        if command == "/help":
-            note(HELP)
-            continue
-        try:
-            prompt_ids, dropped = conversation.prompt(message)
-        except ValueError as e:
-            note(f"error: {e}")
-            continue
-        if dropped:
-            note(f"(the {dropped} oldest turn(s) no longer fit the context of {block} tokens and were dropped)")
-        if args.verbose:
-            note(f"[prompt: {len(prompt_ids)} tokens, {len(conversation.turns)} earlier turn(s)]\n"
-                 f"{tok.decode(prompt_ids)}\n[prompt ids: {prompt_ids}]")
-        budget = new_token_budget(loaded, len(prompt_ids), args.max_new_tokens)
-        answer = stream_answer(loaded, prompt_ids, budget, show, temperature=args.temperature,
-                               top_p=args.top_p, generator=generator)
-        show("\n")
-        if answer.stop == "interrupted":
-            note("(stopped)")
-        if args.verbose:
-            note(f"[answer ids ({answer.stop}): {answer.ids}]")
-        conversation.add(message, answer.text)
+    try:
+        for message in read_messages(interactive):
+            command = message.strip()
+            if not command:
+                continue
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                conversation.reset()
+                note("(new conversation)")
+                continue
+            if command == "/help":
+                note(HELP)
+                continue
+            try:
+                prompt_ids, dropped = conversation.prompt(message)
+            except ValueError as e:
+                note(f"error: {e}")
+                continue
+            if dropped:
+                note(f"(the {dropped} oldest turn(s) no longer fit the context of {block} tokens and were dropped)")
+            if args.verbose:
+                note(f"[prompt: {len(prompt_ids)} tokens, {len(conversation.turns)} earlier turn(s)]\n"
+                     f"{tok.decode(prompt_ids)}\n[prompt ids: {prompt_ids}]")
+            budget = new_token_budget(loaded, len(prompt_ids), args.max_new_tokens)
+            answer = stream_answer(loaded, prompt_ids, budget, show, temperature=args.temperature,
+                                   top_p=args.top_p, generator=generator)
+            show("\n")
+            if answer.stop == "interrupted":
+                note("(stopped)")
+            if args.verbose:
+                note(f"[answer ids ({answer.stop}): {answer.ids}]")
+            conversation.add(message, answer.text)
+    except KeyboardInterrupt:  # between answers (an answer itself catches its own Ctrl-C)
+        note("")
+        return 130
     return 0
 
 
