@@ -20,7 +20,7 @@ import sys
 
 from finetune.conversation import Conversation, find_chat_format
 from finetune.inference import (add_model_and_sampling_args, check_sampling_args, load_for_inference,
-                                make_generator, new_token_budget, pick_device, stream_answer)
+                                make_generator, new_token_budget, stream_answer)
 from pretrain.checkpoint import CheckpointError
 
 HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -60,7 +60,6 @@ def note(text: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        pick_device(args.device)
         loaded = load_for_inference(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
         fmt = find_chat_format(loaded.directory, loaded.tokenizer)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from finetune.inference import (add_model_and_sampling_args, check_sampling_args, load_for_inference,
-                                make_generator, new_token_budget, pick_device, stream_answer)
+                                make_generator, new_token_budget, stream_answer)
 from pretrain.checkpoint import CheckpointError
 
 
@@ -37,7 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        pick_device(args.device)  # a bad --device fails before the model is read
         loaded = load_for_inference(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
         tok = loaded.tokenizer
         prompt_ids = [tok.bos_id] + tok.encode(args.prompt)
