@@ -112,13 +112,17 @@ def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, 
     tok = Tokenizer(path)
     fmt = find_chat_format(tmp_path, tok)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    # transformers 5 saves the template as chat_template.jinja beside tokenizer_config.json.
+    hf.save_pretrained(tmp_path / "resaved")
+    resaved = find_chat_format(tmp_path / "resaved", tok)
+    assert resaved.source.endswith("chat_template.jinja")
     turns = [("def f(x): return x", "It adds one.\nDone"), ("naïve café 日本語", "ok ✓")]
     for k in range(len(turns) + 1):
         messages = [{"role": r, "content": c} for u, a in turns[:k] for r, c in (("user", u), ("assistant", a))]
         messages.append({"role": "user", "content": "and the loss?"})
         expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
-        assert fmt.ids(turns[:k], "and the loss?") == list(expected)
+        assert fmt.ids(turns[:k], "and the loss?") == resaved.ids(turns[:k], "and the loss?") == list(expected)
         if template == "ours":
             assert ChatEncoder(tok, ChatTemplate()).conversation_ids(turns[:k], "and the loss?") == list(expected)
 
