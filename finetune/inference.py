@@ -171,6 +171,8 @@ def stream_answer(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: in
     def on_token(tokens: torch.Tensor) -> None:
         nonlocal stop
         token = int(tokens[0])
+        if stop == "eos":  # after EOS the row only feeds padding
+            return
         if token == tok.eos_id:
             stop = "eos"
             return
