@@ -4,6 +4,10 @@
 LEFT-padded, padding slots are marked invalid in the KV cache and every row gets its own RoPE
 positions (0 at its first real token), so each row computes exactly what it would alone.
 Greedy, or temperature / top-p sampling from a seeded generator; each row stops at EOS.
+After the prompt is read (one forward of the whole batch), every decoding step has the same
+shapes (one token per row, attention over the cache's full length with invalid slots
+masked), so on CUDA the step is captured once in a CUDA graph and replayed: decoding a 1B
+model is otherwise bound by the host launching hundreds of small kernels per token.
 
 `generate_to_file` runs it over many prompts, keyed by prompt index: rows are appended
 (and flushed) one batch at a time to a jsonl file, a re-run skips indices already there and
@@ -40,12 +44,59 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class DecodeStep:
+    """One decoding step (a token per row -> next-token logits) with fixed shapes and buffers.
+
+    Call it with the tokens (B,) and positions (B, 1) of step t: it writes cache slot
+    `first_slot + t`. With `cuda_graph`, the first call warms the step up on a side stream
+    (Triton compiles, cuBLAS picks its kernels), captures it, and every call replays it; the
+    returned logits live in the graph's output buffer until the next call.
+    """
+
+    def __init__(self, model, cache, batch_size: int, first_slot: int, cuda_graph: bool):
+        device = model.lm_head.weight.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), first_slot, dtype=torch.long, device=device)
+        self.cuda_graph = cuda_graph
+        self.graph, self.logits = None, None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.tokens, cache=self.cache, positions=self.positions, cache_slots=self.slot,
+                          last_logits_only=True)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions)
+        if not self.cuda_graph:
+            logits = self._forward()
+        else:
+            if self.graph is None:
+                # Warm-up steps write this step's own keys/values, so they leave nothing behind.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._forward()
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._forward()
+            self.graph.replay()
+            logits = self.logits
+        self.slot += 1
+        return logits
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                    temperature: float = 0.0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None, on_token=None) -> list[list[int]]:
+                   generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+                   on_token=None) -> list[list[int]]:
     """Generated ids per prompt (EOS included when the row stopped on it).
 
+    `cuda_graph` (default: on CUDA) replays the decoding step from a CUDA graph.
     `on_token(tokens)`, when given, sees each step's (B,) tensor of new ids as soon as it is
     sampled (streaming to a terminal); an exception it raises stops decoding.
     """
@@ -67,6 +118,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
     logits = model(ids, cache=cache, positions=positions, attention_mask=mask, last_logits_only=True)
     next_pos = mask.long().sum(-1, keepdim=True)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    decode = DecodeStep(model, cache, B, first_slot=width, cuda_graph=use_graph)
     steps = []
     for step in range(max_new_tokens):
         tok = _sample(logits[:, -1], temperature, top_p, generator)
@@ -75,9 +128,13 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
         if on_token is not None:
             on_token(tok)
         finished |= tok == eos_id
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        # Asking the device whether every row is done waits for it: do it every 8 steps only
+        # (extra steps after the last EOS only add padding, which is cut off below), or every
+        # step when streaming, whose callback waits for each token anyway.
+        check = step % 8 == 7 or on_token is not None
+        if step == max_new_tokens - 1 or (check and bool(finished.all())):
             break
-        logits = model(tok[:, None], cache=cache, positions=next_pos, last_logits_only=True)
+        logits = decode(tok, next_pos)
         next_pos = next_pos + 1
     out = torch.stack(steps, dim=1).tolist()
     result = []

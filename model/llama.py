@@ -68,6 +68,15 @@ class KVCache:
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values at `slots` (a device tensor of T slot indices); return every
+        slot's keys/values. The shapes never depend on how far decoding has got, so a step
+        built on this can be captured once in a CUDA graph and replayed."""
+        self.k[layer].index_copy_(1, slots, k)
+        self.v[layer].index_copy_(1, slots, v)
+        return self.k[layer], self.v[layer]
+
 
 class Attention(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
@@ -78,14 +87,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None):
+    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
+                documents=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
         q, k = kernels.get_ops(backend).apply_rope(q, k, cos, sin)
-        if cache is not None:
+        if cache is not None and cache_slots is not None:
+            k, v = cache.write(self.layer_idx, k, v, cache_slots)
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, mask=mask)
+        y = attention(q, k, v, mask=mask, documents=documents)
         return self.proj(y.reshape(B, T, C))
 
 
@@ -108,8 +120,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None):
-        x = x + self.attn(self.attn_norm(x, backend), cos, sin, backend, cache, mask)
+    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
+                documents=None):
+        x = x + self.attn(self.attn_norm(x, backend), cos, sin, backend, cache, mask, cache_slots, documents)
         return x + self.mlp(self.mlp_norm(x, backend), backend)
 
 
@@ -158,19 +171,46 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 ignore_index: int = -100, z_loss: float = 0.0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                last_logits_only: bool = False) -> torch.Tensor:
+                last_logits_only: bool = False, cache_slots: torch.Tensor | None = None,
+                document_eos: int | None = None, document_backend: str = "auto") -> torch.Tensor:
         """Logits (B, T, vocab), or with `targets` (B, T) the mean next-token loss.
 
         Decoding: pass a `cache` from `make_kv_cache`; the tokens are appended at the cache's
         current length. `positions` (B, T) gives per-row RoPE positions and `attention_mask`
         (B, T, True = real token) marks left padding; both default to "no padding".
         `last_logits_only` returns logits for the last position only (B, 1, vocab).
+
+        Static-shape decoding (`cache_slots`, a device tensor of T slot indices, with
+        `positions`): the tokens are written at those slots and attend to every valid slot up
+        to theirs, over the cache's full length; `cache.length` is left alone and nothing
+        waits for the device, so the step can be captured in a CUDA graph. The caller keeps
+        positions and slots within the context and the cache.
+
+        Attention within documents (`document_eos`, training and scoring only): each token
+        attends to earlier tokens of its own document (documents end with that EOS id) and
+        its RoPE position counts from the document's start, so each document is computed as
+        if alone (model/document_mask.py; `document_backend` forces a kernel).
         """
         B, T = input_ids.shape
         backend = kernels.resolve_backend(self.kernels, input_ids.device)
         start = cache.length if cache is not None else 0
         rope_cos, rope_sin = self.rope_tables(input_ids.device)
-        if positions is None:
+        documents = None
+        if document_eos is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("document_eos (attention within documents) is for training and scoring; "
+                                 "it cannot be combined with a KV cache or explicit positions")
+            from model.document_mask import Documents, document_attention_backend
+
+            kernel = document_attention_backend(input_ids.device, self.lm_head.weight.dtype, document_backend)
+            documents = Documents(input_ids, document_eos, kernel)
+            positions = documents.positions
+            cos, sin = rope_cos[positions], rope_sin[positions]
+        elif cache_slots is not None:
+            if cache is None or positions is None:
+                raise ValueError("cache_slots (static decoding) needs a cache and per-row positions")
+            cos, sin = rope_cos[positions], rope_sin[positions]
+        elif positions is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the model's context "
                                  f"(block_size={self.config.block_size})")
@@ -182,7 +222,9 @@ class Llama(nn.Module):
             cos, sin = rope_cos[positions], rope_sin[positions]
 
         mask = None
-        if cache is not None:
+        if cache_slots is not None:
+            mask = self._static_cache_mask(cache, cache_slots)
+        elif cache is not None:
             mask = self._cache_mask(cache, B, T, attention_mask, input_ids.device)
         elif attention_mask is not None:
             raise ValueError("attention_mask is only used with a KV cache; for training pad on the right "
@@ -190,8 +232,8 @@ class Llama(nn.Module):
 
         x = self.embed(input_ids)
         for block in self.layers:
-            x = block(x, cos, sin, backend, cache, mask)
-        if cache is not None:
+            x = block(x, cos, sin, backend, cache, mask, cache_slots, documents)
+        if cache is not None and cache_slots is None:
             cache.length += T
         x = self.norm(x, backend)
 
@@ -221,6 +263,14 @@ class Llama(nn.Module):
         itself = key_slot[None, :] == query_slot[:, None]
         allowed = causal[None] & (cache.valid[:, None, :start + T] | itself[None])
         return allowed[:, None]  # (B, 1, T, S)
+
+    @staticmethod
+    def _static_cache_mask(cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, max_len): each new token sees the valid slots up to its own (its own included)."""
+        cache.valid.index_fill_(1, slots, True)
+        key_slot = torch.arange(cache.max_len, device=slots.device)
+        allowed = cache.valid[:, None, :] & (key_slot[None, None, :] <= slots[None, :, None])
+        return allowed[:, None]
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         max_len = max_len or self.config.block_size

@@ -1,20 +1,27 @@
-"""The pretraining data: a weighted mixture of token-shard directories, read memory-mapped.
+"""The pretraining data: a weighted mixture of token-shard directories, read by sample index.
 
-Sample i of a run is a window of `block_size + 1` tokens and is a pure function of
-(seed, i), computed from `np.random.default_rng([seed, i])`:
+Sample i of a run is a window of `block_size + 1` tokens and a pure function of (seed, i):
 
-    u      = rng.random()                 -> source s = first s with u < cumulative_weight[s]
-    start  = rng.integers(num_starts[s])  -> a window start, uniform over every position of
-                                             every shard of s that has block_size+1 tokens after it
+    source s, j = interleave.locate(i)      exact 7:3 (or any weights) at every prefix; j is the
+                                            number of earlier samples of s (pretrain/data_order.py)
+    epoch, p    = divmod(j, N_s)            N_s = windows of s; every window once per epoch
+    window      = permutation(s, epoch)(p)  keyed Feistel bijection of [0, N_s), new key per epoch
+    start       = window · block_size       in s's shards taken in name order as one stream
+
+Windows step by block_size and so overlap by one token: window w is tokens
+[w·T, w·T + T + 1) with T = block_size, its inputs the first T and its targets the last T.
+That way every token of the stream after the first is a target exactly once per epoch (with
+windows of T + 1 side by side, one token in T + 1 would never be predicted). A window may
+run from one shard into the next: data_prep cuts one stream into shards mid-document, so a
+shard boundary is not a document boundary and there are no shard tails to drop or pad. The
+only tokens outside every window are the stream's last (num_tokens - 1) mod T; nothing is
+ever padded.
 
 There is no state to carry between samples, so every rank and every loader worker reads
 only its own indices, resuming is "start at index N", and a run on 1 or on 2 processes
-sees the same global batches. Windows are drawn with replacement (a window never straddles
-two shards); at TinyLlama's scale that is statistically the same as reading the corpus in
-a shuffled order.
-
-Global batch g holds the indices [g·B, (g+1)·B). Rank r of W takes the contiguous slice
-[g·B + r·B/W, g·B + (r+1)·B/W) and splits it into micro-batches of `micro_batch_size`.
+sees the same global batches. Global batch g holds the indices [g·B, (g+1)·B). Rank r of W
+takes the contiguous slice [g·B + r·B/W, g·B + (r+1)·B/W) and splits it into micro-batches
+of `micro_batch_size`.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.shards import list_shards, read_header, read_shard
+from data_prep.shards import list_shards, read_header
+from pretrain.data_order import SourceInterleave, WindowPermutation
+from pretrain.shard_stream import ShardStream
 
 
 class DataError(ValueError):
@@ -54,39 +63,30 @@ def parse_source(text: str) -> SourceSpec:
 
 
 class _Source:
-    """All shards of one directory that can hold a window, as one range of window starts."""
+    """All shards of one directory as one token stream cut into windows (see module docstring)."""
 
-    def __init__(self, directory: Path, window: int, vocab_size: int):
+    def __init__(self, directory: Path, block_size: int, vocab_size: int):
         self.directory = directory
         if not directory.is_dir():
             raise DataError(f"data directory {directory} does not exist (expected token shards written by data_prep)")
-        shards = list_shards(directory)
-        if not shards:
+        paths = list_shards(directory)
+        if not paths:
             raise DataError(f"data directory {directory} has no *.bin token shards")
-        self.paths: list[Path] = []
-        starts = []
-        for path in shards:
+        shards = []
+        for path in paths:
             header = read_header(path)
             if header.vocab_size > vocab_size:
                 raise DataError(f"{path}: shard vocab_size {header.vocab_size} exceeds the model's vocab_size "
                                 f"{vocab_size}; pass --vocab-size {header.vocab_size} (or a larger value)")
-            if header.num_tokens >= window:  # shards shorter than one window are skipped
-                self.paths.append(path)
-                starts.append(header.num_tokens - window + 1)
-        if not self.paths:
-            raise DataError(f"data directory {directory}: no shard holds {window} tokens "
-                            f"(block size + 1); lower --block-size or prepare more data")
-        self.cum_starts = np.cumsum(np.asarray(starts, dtype=np.int64))
-        self.num_starts = int(self.cum_starts[-1])
-        self.num_tokens = sum(read_header(p).num_tokens for p in self.paths)
-        self._maps: list[np.ndarray] | None = None  # opened lazily, so each worker maps its own
-
-    def window(self, position: int, length: int) -> np.ndarray:
-        if self._maps is None:
-            self._maps = [read_shard(p) for p in self.paths]
-        shard = int(np.searchsorted(self.cum_starts, position, side="right"))
-        offset = position - (int(self.cum_starts[shard - 1]) if shard else 0)
-        return np.asarray(self._maps[shard][offset:offset + length], dtype=np.int64)
+            shards.append((path, header))
+        self.num_shards = len(shards)
+        self.eos_ids = sorted({header.eos_id for _, header in shards})
+        self.stream = ShardStream(shards)
+        self.num_tokens = self.stream.num_tokens
+        if self.num_tokens < block_size + 1:
+            raise DataError(f"data directory {directory}: its shards hold {self.num_tokens} tokens in all, fewer than "
+                            f"one window of {block_size + 1} (block size + 1); lower --block-size or prepare more data")
+        self.num_windows = (self.num_tokens - 1) // block_size
 
 
 class MixtureSampler:
@@ -95,32 +95,57 @@ class MixtureSampler:
     def __init__(self, sources: list[SourceSpec], block_size: int, seed: int, vocab_size: int):
         if not sources:
             raise DataError("no data sources given; pass --data DIR:WEIGHT [DIR:WEIGHT ...]")
+        if block_size < 1:
+            raise DataError(f"block_size must be at least 1, got {block_size}")
+        if seed < 0:
+            raise DataError(f"--seed must be non-negative, got {seed}")
         self.block_size = block_size
         self.seed = seed
-        self.sources = [_Source(s.directory, block_size + 1, vocab_size) for s in sources]
-        weights = np.asarray([s.weight for s in sources], dtype=np.float64)
+        self.sources = [_Source(s.directory, block_size, vocab_size) for s in sources]
+        try:
+            self.interleave = SourceInterleave([s.weight for s in sources])
+        except ValueError as e:
+            raise DataError(f"--data weights: {e}") from e
+        weights = np.asarray(self.interleave.counts, dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.cum_weights = np.cumsum(self.weights)
-        self.cum_weights[-1] = 1.0  # guard against rounding leaving u > last bound
+
+    def eos_id(self) -> int:
+        """The EOS id that ends every document in every source (attention within documents needs it)."""
+        ids = sorted({e for src in self.sources for e in src.eos_ids})
+        if len(ids) != 1:
+            where = ", ".join(f"{src.directory}: {src.eos_ids}" for src in self.sources)
+            raise DataError(f"the shards do not agree on one EOS id ({where}); tokenize every source with the "
+                            f"same tokenizer")
+        return ids[0]
 
     def source_and_start(self, index: int) -> tuple[int, int]:
-        rng = np.random.default_rng([self.seed, index])
-        source = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
-        start = int(rng.integers(self.sources[source].num_starts))
-        return source, start
+        """(source number, first token of sample `index`'s window in that source's stream)."""
+        source, earlier = self.interleave.locate(index)
+        windows = self.sources[source].num_windows
+        epoch, position = divmod(earlier, windows)
+        window = WindowPermutation(windows, self.seed, source, epoch)(position)
+        return source, window * self.block_size
 
     def sample(self, index: int) -> np.ndarray:
         source, start = self.source_and_start(index)
-        return self.sources[source].window(start, self.block_size + 1)
+        return self.sources[source].stream.read(start, self.block_size + 1)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (len(indices), block_size) int64."""
         windows = torch.from_numpy(np.stack([self.sample(int(i)) for i in indices]))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
+    def source_epochs(self, num_samples: int) -> dict[str, float]:
+        """After samples [0, num_samples): each source's epochs read, as `epoch/<source number>`
+        (0.5 = half its windows once; 2.25 = two full passes and a quarter of the third)."""
+        counts = self.interleave.samples_per_source(num_samples)
+        return {f"epoch/{k}": c / s.num_windows for k, (c, s) in enumerate(zip(counts, self.sources))}
+
     def describe(self) -> str:
-        return ", ".join(f"{s.directory} ({w:.0%}, {len(s.paths)} shards, {s.num_tokens:,} tokens)"
-                         for s, w in zip(self.sources, self.weights))
+        parts = [f"[{k}] {s.directory} ({w:.0%}, {s.num_shards} shards, {s.num_tokens:,} tokens, "
+                 f"{s.num_windows:,} windows per epoch)" for k, (s, w) in enumerate(zip(self.sources, self.weights))]
+        counts = " + ".join(map(str, self.interleave.counts))
+        return ", ".join(parts) + f"; the interleave repeats every {self.interleave.period} samples ({counts})"
 
 
 def micro_batch_indices(global_step: int, micro_step: int, global_batch: int, micro_batch: int,

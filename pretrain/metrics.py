@@ -1,7 +1,8 @@
 """Training metrics: the metrics.jsonl file, wandb (offline by default), and the numbers
 behind MFU and memory (peak FLOP/s by device name, peak memory).
 
-Shared with finetune/: `MetricsLogger`, `peak_flops_per_second`, `measure_peak_memory_gb`.
+Shared with finetune/: `MetricsLogger`, `peak_flops_per_second`, `measure_peak_memory_gb`,
+`measure_peak_reserved_gb`.
 Only rank 0 should create an enabled logger; other ranks pass enabled=False.
 """
 from __future__ import annotations
@@ -59,6 +60,15 @@ def measure_peak_memory_gb(device) -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if os.uname().sysname == "Darwin" else 1024) / 1e9
+
+
+def measure_peak_reserved_gb(device) -> float | None:
+    """Peak memory CUDA's caching allocator reserved from the device, in GB (what `nvidia-smi`
+    sees, fragmentation included); None on CPU, where it has no meaning."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return None
 
 
 def _jsonable(value):

@@ -28,7 +28,7 @@ from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, reso
                                  save_training_checkpoint, step_dir_name)
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
                            validation_indices)
-from pretrain.metrics import MetricsLogger, measure_peak_memory_gb, peak_flops_per_second
+from pretrain.metrics import MetricsLogger, measure_peak_memory_gb, measure_peak_reserved_gb, peak_flops_per_second
 from pretrain.parallel import PRECISIONS, build_fabric, clip_grad_norm, default_precision, launch, setup_model
 from pretrain.schedule import lr_at
 
@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocab size (match your tokenizer)")
     g.add_argument("--block-size", type=int, default=None, help="context length; default: the preset's")
     g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="kernel backend")
+    g.add_argument("--document-mask", action="store_true",
+                   help="attend only within each document of a window (documents end with the shards' EOS) "
+                        "and restart RoPE positions at each document; see docs/pretrain.md")
+    g.add_argument("--document-attention", default="auto", choices=["auto", "flash-varlen", "flex", "sdpa-mask"],
+                   help="kernel for --document-mask; auto: flash-attn varlen, else flex_attention on CUDA, "
+                        "else SDPA with a dense mask")
     g.add_argument("--tokenizer", default=None,
                    help="sentencepiece model copied into every checkpoint and final/ as tokenizer.model")
     g = p.add_argument_group("data")
@@ -89,12 +95,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--out", required=True, help="output directory (checkpoints/, final/, metrics.jsonl)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="keep the newest K checkpoints; 0 keeps all")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no checkpoint and no final model (throughput benchmarks, throwaway runs)")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': newest complete checkpoint in OUT/checkpoints (fresh start if none); or a path")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and exit after this many steps in this invocation (time-boxed jobs); "
                         "the schedule still follows --max-steps")
     g.add_argument("--log-every", type=int, default=10, help="log metrics every N optimizer steps")
+    g.add_argument("--profile-step", type=int, default=None, metavar="N",
+                   help="profile optimizer step N (CPU and GPU): print the costliest operations and write "
+                        "a Chrome/Perfetto trace to OUT/profile/")
     g.add_argument("--val-every", type=int, default=1000, help="validation loss every N steps (and at the end)")
     g.add_argument("--val-batches", type=int, default=50, help="micro-batches per rank per validation")
     g.add_argument("--wandb-project", default="tinyllama", help="wandb project name")
@@ -114,6 +125,8 @@ def check_args(args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.val_batches < 0 or args.num_workers < 0 or args.warmup_steps < 0 or args.keep_last < 0:
         problems.append("--val-batches, --num-workers, --warmup-steps and --keep-last must be >= 0")
+    if args.profile_step is not None and args.profile_step <= 0:
+        problems.append(f"--profile-step must be a step number >= 1, got {args.profile_step}")
     if args.min_lr > args.lr:
         problems.append(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
     if args.tokenizer and not Path(args.tokenizer).is_file():
@@ -135,6 +148,29 @@ class StopSignal:
         self.received = signum
 
 
+class StepProfiler:
+    """torch.profiler around one optimizer step: the 25 costliest operations by device time
+    (by CPU time on a CPU run) printed, and the whole timeline in OUT/profile/ for Perfetto."""
+
+    def __init__(self, out: Path, rank: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.path = out / "profile" / f"step-rank{rank}.json"
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+
+    def finish(self, fabric, step: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.path))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        fabric.print(f"profile of step {step} (trace: {self.path}):\n"
+                     f"{self.prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)}")
+
+
 def build_model(fabric, config: Config, args) -> torch.nn.Module:
     if fabric.device.type == "cuda":
         # No rank ever holds the full fp32 weights: build on meta, shard, materialise, init.
@@ -150,19 +186,22 @@ def build_model(fabric, config: Config, args) -> torch.nn.Module:
 def make_optimizer(model, args) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decaying them only hurts
+    # On CUDA the fused AdamW updates every parameter in a few kernels instead of a dozen
+    # launches per tensor group; the CPU keeps the default implementation.
+    fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
+                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused or None)
 
 
 @torch.no_grad()
-def validate(fabric, model, sampler: MixtureSampler, args) -> float:
+def validate(fabric, model, sampler: MixtureSampler, args, model_kwargs: dict) -> float:
     model.eval()
     total = torch.zeros((), device=fabric.device)
     batches = validation_indices(args.val_batches, args.micro_batch_size, fabric.global_rank, fabric.world_size)
     for indices in batches:
         x, y = sampler.batch(indices)
-        total += model(x.to(fabric.device), targets=y.to(fabric.device)).float()
+        total += model(x.to(fabric.device), targets=y.to(fabric.device), **model_kwargs).float()
     model.train()
     mean = fabric.all_reduce(total / max(1, len(batches)), reduce_op="mean")
     return float(mean)
@@ -240,6 +279,19 @@ def train(args) -> int:
                  f"{world} rank(s) x {accum} micro-batch(es) of {args.micro_batch_size} = "
                  f"{args.global_batch_size} sequences ({tokens_per_step:,} tokens) per step; precision {precision}")
     fabric.print(f"data: {sampler.describe()}")
+    document_kwargs: dict = {}
+    if args.document_mask:
+        from model.document_mask import document_attention_backend
+
+        eos = sampler.eos_id()
+        if val_sampler is not None and val_sampler.eos_id() != eos:
+            raise DataError(f"validation shards end documents with EOS {val_sampler.eos_id()}, training shards "
+                            f"with {eos}; tokenize both with the same tokenizer")
+        kernel = document_attention_backend(fabric.device, torch.bfloat16 if precision == "bf16-mixed"
+                                            else torch.float32, args.document_attention)
+        document_kwargs = {"document_eos": eos, "document_backend": kernel}
+        fabric.print(f"attention within documents (EOS id {eos}): kernel {kernel}; RoPE positions restart "
+                     f"at each document")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     fabric.print(f"FSDP2: rank 0 holds {local:,} of {config.num_params:,} parameter elements")
 
@@ -263,6 +315,7 @@ def train(args) -> int:
     model.train()
     try:
         while step < end_step:
+            profiler = StepProfiler(out, rank) if args.profile_step == step + 1 else None
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -272,7 +325,7 @@ def train(args) -> int:
                 x, y = next(batches)
                 x, y = x.to(fabric.device, non_blocking=True), y.to(fabric.device, non_blocking=True)
                 window_wait += time.perf_counter() - t0
-                loss = model(x, targets=y)
+                loss = model(x, targets=y, **document_kwargs)
                 if step + 1 in nan_steps:
                     loss = loss * float("nan")
                 # Equal-length windows with no ignored tokens: the mean of micro-batch means is the
@@ -297,6 +350,8 @@ def train(args) -> int:
             train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
                                next_sample_index=step * args.global_batch_size)
             window_tokens += tokens_per_step
+            if profiler is not None:
+                profiler.finish(fabric, step)
             if consecutive_skips >= args.max_skipped_steps:
                 raise TrainingError(
                     f"the loss or gradient norm was non-finite for {consecutive_skips} steps in a row "
@@ -317,8 +372,10 @@ def train(args) -> int:
                     "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / world,
                     "mfu": (flops_per_token * tps / (peak * world)) if peak else None,
                     "peak_memory_gb": measure_peak_memory_gb(fabric.device),
+                    "peak_reserved_gb": measure_peak_reserved_gb(fabric.device),
                     "data_wait_share": window_wait / elapsed,
                     "tokens_seen": train_state["tokens_seen"], "skipped_steps": train_state["skipped_steps"],
+                    **sampler.source_epochs(train_state["next_sample_index"]),  # epoch/<k>: passes over source k
                 }
                 logger.log(metrics, step)
                 if progress is not None:
@@ -330,12 +387,12 @@ def train(args) -> int:
                 progress.update(1)
 
             if val_sampler is not None and (step % args.val_every == 0 or step == args.max_steps):
-                val_loss = validate(fabric, model, val_sampler, args)
+                val_loss = validate(fabric, model, val_sampler, args, document_kwargs)
                 logger.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
                 window_start = time.perf_counter()  # validation time is not training throughput
 
-            if step % args.save_every == 0 and step != end_step:
+            if step % args.save_every == 0 and step != end_step and not args.no_save:
                 save(step)
                 last_saved = step
             # Every rank must agree to stop, or the collectives of the save would hang.
@@ -349,6 +406,10 @@ def train(args) -> int:
         if progress is not None:
             progress.close()
 
+    if args.no_save:
+        fabric.print(f"--no-save: stopped after {step} steps; nothing written but {out / 'metrics.jsonl'}")
+        logger.close()
+        return 0
     if last_saved != step:
         save(step)
     if exit_reason == "signal":

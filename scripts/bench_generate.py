@@ -1,19 +1,123 @@
 """Tokens/s of our batched KV-cache generation (finetune/generate.py) against HF `generate`.
 
     python scripts/bench_generate.py [--config tiny|nano|micro|small|tinyllama-1.1b] [--batch 16]
-        [--prompt-len 64] [--new-tokens 128] [--dtype bf16] [--device cuda]
+        [--prompt-len 64] [--new-tokens 128] [--dtype bf16] [--device cuda] [--hf-cache dynamic,static]
 
 Both decode greedily from the same random-weight model (exported to HF with model.hf.save_hf),
 with prompts of different lengths (left padding), EOS disabled so every row produces
---new-tokens tokens. Prints a table; nothing is asserted (DESIGN rule 8).
+--new-tokens tokens. HF runs once per cache kind in --hf-cache ("static" is the pre-allocated
+cache that transformers compiles its decoding step for; its compilation happens in an
+untimed warm-up of the same shape). Prints a table; nothing is asserted (DESIGN rule 8).
+`measure()` is what scripts/gpu_bench.py calls.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+HF_CACHES = ("dynamic", "static")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _prompts(batch: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
+    """Prompts of different lengths (so left padding is exercised), fixed by a seed."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [max(1, prompt_len - (i * 7) % max(prompt_len // 2, 1)) for i in range(batch)]
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def measure(config_name: str = "nano", vocab_size: int = 32000, batch: int = 16, prompt_len: int = 64,
+            new_tokens: int = 128, dtype: str = "fp32", device: str = "cpu",
+            hf_caches: tuple[str, ...] = ("dynamic",), on_result=None) -> dict:
+    """Tokens/s of ours and of HF `generate` for each cache kind, plus how many rows agree.
+
+    Returns {"ours": tokens/s, "hf_<cache>": tokens/s, "hf_<cache>_identical_rows": n, "rows": batch, ...}.
+    An HF cache kind that fails (an old transformers without static caches) is recorded as
+    "hf_<cache>_error" instead of ending the measurement. `on_result(result)` is called after
+    each measurement, so a caller that may be cut short keeps what was measured.
+    """
+    report = on_result or (lambda r: None)
+    from finetune.generate import generate_batch
+    from model import Config, Llama
+    from model.hf import save_hf
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    config = Config.from_name(config_name) if config_name == "tiny" else \
+        Config.from_name(config_name, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    model = Llama(config).to(device, torch_dtype).eval()
+    prompts = _prompts(batch, prompt_len, config.vocab_size)
+    no_eos = -1  # never produced: every row runs the full length
+    result = dict(config=config_name, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype,
+                  device=device, rows=batch)
+
+    generate_batch(model, prompts, 4, no_eos, 0)  # warm-up: kernels, allocator, full batch width
+    _sync(device)
+    t = time.perf_counter()
+    ours = generate_batch(model, prompts, new_tokens, no_eos, 0)  # the CUDA-graph capture is in the time
+    _sync(device)
+    result["ours"] = sum(len(o) for o in ours) / (time.perf_counter() - t)
+    result["ours_cuda_graph"] = device.startswith("cuda")
+    report(result)
+
+    if hf_caches:
+        from transformers import LlamaForCausalLM
+
+        with tempfile.TemporaryDirectory() as d:
+            save_hf(model, d)
+            hf = LlamaForCausalLM.from_pretrained(d).to(device, torch_dtype).eval()
+        del model
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for i, pr in enumerate(prompts):
+            ids[i, width - len(pr):] = torch.tensor(pr)
+            mask[i, width - len(pr):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+        for cache in hf_caches:
+            extra = {"cache_implementation": "static"} if cache == "static" else {}
+            try:
+                with torch.no_grad():
+                    # The static cache is sized by the call, so only a call of the full shape warms it up.
+                    warm = kw if cache == "static" else {**kw, "max_new_tokens": 4, "min_new_tokens": 4}
+                    hf.generate(ids, **warm, **extra)
+                    _sync(device)
+                    t = time.perf_counter()
+                    out = hf.generate(ids, **kw, **extra)
+                    _sync(device)
+            except Exception as e:  # recorded in the table: one HF mode failing must not hide the others
+                result[f"hf_{cache}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                report(result)
+                continue
+            result[f"hf_{cache}"] = (out.shape[1] - width) * batch / (time.perf_counter() - t)
+            result[f"hf_{cache}_identical_rows"] = sum(out[i, width:].tolist() == ours[i] for i in range(batch))
+            report(result)
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"{r['config']}, batch {r['batch']}, prompts <= {r['prompt_len']} tokens, {r['new_tokens']} new tokens, "
+             f"{r['dtype']} on {r['device']}", "", "| generator | tokens/s | vs ours | greedy rows identical |",
+             "|---|---|---|---|", f"| finetune.generate (KV cache) | {r['ours']:,.0f} | 1.00x | - |"]
+    for cache in HF_CACHES:
+        if f"hf_{cache}" in r:
+            lines.append(f"| transformers generate, {cache} cache | {r[f'hf_{cache}']:,.0f} | "
+                         f"{r[f'hf_{cache}'] / r['ours']:.2f}x | {r[f'hf_{cache}_identical_rows']}/{r['rows']} |")
+        elif f"hf_{cache}_error" in r:
+            lines.append(f"| transformers generate, {cache} cache | error: {r[f'hf_{cache}_error']} | | |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -25,68 +129,24 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-cache", default="dynamic",
+                   help=f"comma-separated HF cache kinds to compare against ({','.join(HF_CACHES)})")
+    p.add_argument("--skip-hf", action="store_true", help="time ours only")
+    p.add_argument("--json", type=Path, help="write the figures here (rewritten after each measurement)")
     args = p.parse_args(argv)
+    caches = () if args.skip_hf else tuple(c.strip() for c in args.hf_cache.split(",") if c.strip())
+    unknown = sorted(set(caches) - set(HF_CACHES))
+    if unknown:
+        p.error(f"--hf-cache: unknown {unknown}; choose from {','.join(HF_CACHES)}")
+    def write_json(result: dict) -> None:
+        if args.json:
+            tmp = args.json.with_name(f".{args.json.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.json)
 
-    from finetune.generate import generate_batch
-    from model import Config, Llama
-    from model.hf import save_hf
-
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    config = Config.from_name(args.config, vocab_size=args.vocab_size) if args.config != "tiny" \
-        else Config.from_name("tiny")
-    torch.manual_seed(0)
-    model = Llama(config).to(args.device, dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    lengths = [max(1, args.prompt_len - (i * 7) % max(args.prompt_len // 2, 1)) for i in range(args.batch)]
-    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    no_eos = -1  # never produced: every row runs the full length
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    rows = []
-    generate_batch(model, prompts[:2], 4, no_eos, 0)  # warm-up
-    sync()
-    t = time.perf_counter()
-    out = generate_batch(model, prompts, args.new_tokens, no_eos, 0)
-    sync()
-    ours = time.perf_counter() - t
-    n_tokens = sum(len(o) for o in out)
-    rows.append(("finetune.generate (KV cache)", n_tokens / ours))
-
-    if not args.skip_hf:
-        from transformers import LlamaForCausalLM
-
-        with tempfile.TemporaryDirectory() as d:
-            save_hf(model, d)
-            hf = LlamaForCausalLM.from_pretrained(d, torch_dtype=dtype).to(args.device).eval()
-        width = max(lengths)
-        ids = torch.zeros(args.batch, width, dtype=torch.long)
-        mask = torch.zeros(args.batch, width, dtype=torch.long)
-        for i, pr in enumerate(prompts):
-            ids[i, width - len(pr):] = torch.tensor(pr)
-            mask[i, width - len(pr):] = 1
-        ids, mask = ids.to(args.device), mask.to(args.device)
-        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                  pad_token_id=0, eos_token_id=None)
-        with torch.no_grad():
-            hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
-            sync()
-            t = time.perf_counter()
-            hf_out = hf.generate(ids, attention_mask=mask, **kw)
-            sync()
-        hf_s = time.perf_counter() - t
-        rows.append(("transformers generate", (hf_out.shape[1] - width) * args.batch / hf_s))
-        same = sum(hf_out[i, width:].tolist() == out[i] for i in range(args.batch))
-        print(f"greedy outputs identical for {same}/{args.batch} rows")
-
-    print(f"\n{args.config}, batch {args.batch}, prompts <= {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"{args.dtype} on {args.device}\n")
-    print("| generator | tokens/s |\n|---|---|")
-    for name, tps in rows:
-        print(f"| {name} | {tps:,.0f} |")
+    r = measure(args.config, args.vocab_size, args.batch, args.prompt_len, args.new_tokens, args.dtype, args.device,
+                caches, on_result=write_json)
+    print(format_table(r))
     return 0
 
 

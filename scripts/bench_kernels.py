@@ -1,10 +1,10 @@
 """Benchmark the fused Triton kernels against PyTorch eager, torch.compile and Liger-Kernel.
 
 For each kernel on TinyLlama shapes (tokens 8x2048 and 16x2048, d=2048, 32/4 heads of 64,
-ffn 5632, vocab 32000), bf16, it times forward+backward (median of
-`triton.testing.do_bench`), converts the time to GB/s from an explicit count of the bytes
-the operation must move (each input read once, each output written once, forward and
-backward), and records the peak extra memory of one forward+backward. The device's copy
+ffn 5632, vocab 32000), bf16, it times forward+backward and forward alone (median of
+`triton.testing.do_bench`), converts each time to GB/s from an explicit count of the bytes
+the operation must move (each input read once, each output written once), and records the
+peak extra memory of one forward+backward. The device's copy
 bandwidth (a large tensor copy) is measured first so the table can show "% of copy";
 fused linear+CE is matmul-bound, so it reports TFLOP/s instead.
 
@@ -43,8 +43,10 @@ class Case:
     kernel: str
     tokens: int
     make: callable  # () -> (args tuple, leaf tensors needing grad, output gradients or None)
-    bytes_moved: int = 0  # 0: not memory-bound (report TFLOP/s instead)
+    bytes_moved: int = 0  # forward + backward; 0: not memory-bound (report TFLOP/s instead)
     flops: int = 0
+    fwd_bytes: int = 0    # the forward alone
+    fwd_flops: int = 0
     impls: dict = field(default_factory=dict)
 
 
@@ -101,24 +103,29 @@ def build_cases(kernels, batches, shapes, dtype, device, use_compile: bool) -> l
 
         import kernels as K
         table = {
-            "rms_norm": Case("rms_norm", N, rms_inputs, bytes_moved=5 * N * d * es + 4 * N * 4, impls={
+            # forward: read x, write y (+ fp32 rstd); backward: read x and dy, write dx.
+            "rms_norm": Case("rms_norm", N, rms_inputs, bytes_moved=5 * N * d * es + 4 * N * 4,
+                             fwd_bytes=2 * N * d * es + 4 * N, impls={
                 "triton": K.rms_norm, "eager": K.rms_norm_reference,
                 "compile": compile_ref("rms_norm", K.rms_norm_reference),
                 "liger": liger and (lambda x, w, eps: liger.liger_rms_norm(x, w, eps))}),
-            "rope": Case("rope", N, rope_inputs, bytes_moved=4 * N * (hq + hk) * D * es + 4 * T * D * 4, impls={
+            "rope": Case("rope", N, rope_inputs, bytes_moved=4 * N * (hq + hk) * D * es + 4 * T * D * 4,
+                         fwd_bytes=2 * N * (hq + hk) * D * es + 2 * T * D * 4, impls={
                 "triton": K.apply_rope, "eager": K.apply_rope_reference,
                 "compile": compile_ref("rope", K.apply_rope_reference),
                 "liger": liger and _liger_rope(liger)}),
-            "swiglu": Case("swiglu", N, swiglu_inputs, bytes_moved=8 * N * F_ * es, impls={
+            # forward: read gate and up, write out; backward: read gate, up, dy, write both grads.
+            "swiglu": Case("swiglu", N, swiglu_inputs, bytes_moved=8 * N * F_ * es, fwd_bytes=3 * N * F_ * es, impls={
                 "triton": K.swiglu, "eager": K.swiglu_reference,
                 "compile": compile_ref("swiglu", K.swiglu_reference),
                 "liger": liger and (lambda g, u: liger.liger_swiglu(g, u))}),
-            "cross_entropy": Case("cross_entropy", N, ce_inputs, bytes_moved=3 * N * V * es, impls={
+            "cross_entropy": Case("cross_entropy", N, ce_inputs, bytes_moved=3 * N * V * es, fwd_bytes=N * V * es, impls={
                 "triton": K.cross_entropy, "eager": K.cross_entropy_reference,
                 "F.cross_entropy": lambda x, t: F.cross_entropy(x, t),
                 "compile": compile_ref("cross_entropy", K.cross_entropy_reference),
                 "liger": liger and (lambda x, t: _first(liger.liger_cross_entropy(x, t)))}),
-            "fused_linear_cross_entropy": Case("fused_linear_cross_entropy", N, flce_inputs, flops=6 * N * d * V, impls={
+            "fused_linear_cross_entropy": Case("fused_linear_cross_entropy", N, flce_inputs, flops=6 * N * d * V,
+                                               fwd_flops=2 * N * d * V, impls={
                 "triton": K.fused_linear_cross_entropy,
                 "F.cross_entropy": lambda h, w, t: F.cross_entropy(h @ w.t(), t),  # lm_head + CE baseline
                 "eager": K.fused_linear_cross_entropy_reference,
@@ -206,11 +213,16 @@ def run_case(case: Case, device, rep: int, copy_gbs: float) -> list[dict]:
             step()  # warm up: compile, autotune, allocator
             row["ms"] = time_ms(step, leaves, device, rep)
             row["peak_mb"] = peak_extra_mb(step, leaves, device)
+            # The forward alone, as training runs it (grad mode on, the graph dropped at once).
+            row["fwd_ms"] = time_ms(functools.partial(fn, *args), (), device, rep)
             if case.bytes_moved:
                 row["gbs"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
                 row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                row["fwd_gbs"] = case.fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
+                row["fwd_pct_copy"] = 100 * row["fwd_gbs"] / copy_gbs
             if case.flops:
                 row["tflops"] = case.flops / (row["ms"] * 1e-3) / 1e12
+                row["fwd_tflops"] = case.fwd_flops / (row["fwd_ms"] * 1e-3) / 1e12
         except Exception as e:  # one failing competitor (e.g. a Liger API change) must not end the run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         rows.append(row)
@@ -221,9 +233,11 @@ def run_case(case: Case, device, rep: int, copy_gbs: float) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = (("ms", 9, ".3f"), ("gbs", 7, ".0f"), ("pct_copy", 6, ".1f"), ("tflops", 8, ".1f"), ("peak_mb", 8, ".0f"))
+    cols = (("ms", 9, ".3f"), ("gbs", 7, ".0f"), ("pct_copy", 6, ".1f"), ("tflops", 8, ".1f"), ("peak_mb", 8, ".0f"),
+            ("fwd_ms", 9, ".3f"), ("fwd_gbs", 7, ".0f"), ("fwd_pct_copy", 6, ".1f"), ("fwd_tflops", 8, ".1f"))
+    labels = ("ms", "GB/s", "%copy", "TFLOP/s", "peak MB", "fwd ms", "fwd GB/s", "%copy", "TFLOP/s")
     head = f"{'kernel':<27} {'tokens':>6} {'impl':<16}" + "".join(
-        f" {label:>{w}}" for label, (_, w, _) in zip(("ms", "GB/s", "%copy", "TFLOP/s", "peak MB"), cols))
+        f" {label:>{w}}" for label, (_, w, _) in zip(labels, cols))
     lines = [head]
     for r in rows:
         line = f"{r['kernel']:<27} {r['tokens']:>6} {r['impl']:<16}"

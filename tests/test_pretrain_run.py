@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.shards import write_shard
+from pretrain.data import MixtureSampler, SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pretrain" / "tinyllama.py"
@@ -93,7 +94,7 @@ def straight(data, tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
-def test_loss_goes_down_and_outputs_are_complete(straight):
+def test_loss_goes_down_and_outputs_are_complete(straight, data):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
@@ -102,6 +103,9 @@ def test_loss_goes_down_and_outputs_are_complete(straight):
         assert key in train[0], key
     assert train[0]["mfu"] is None  # CPU: no peak FLOP/s, MFU n/a
     assert train[-1]["tokens_seen"] == STEPS * 8 * 32
+    # Each source's epoch, from the samples read so far (pretrain/data.py).
+    sampler = MixtureSampler([SourceSpec(data / "a", 0.7), SourceSpec(data / "b", 0.3)], 32, 1, 512)
+    assert {k: train[-1][k] for k in ("epoch/0", "epoch/1")} == sampler.source_epochs(STEPS * 8)
     first, last = np.mean([r["loss"] for r in train[:5]]), np.mean([r["loss"] for r in train[-5:]])
     assert last < first - 1.0, (first, last)
     val = [r["val_loss"] for r in rows if "val_loss" in r]

@@ -1,0 +1,74 @@
+"""scripts/gpu_bench.py: the --smoke run exercises every path on CPU and writes the report;
+the grid and the time budget behave as documented."""
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_grid_is_every_setting_once_plain_first():
+    gb = _load()
+    grid = gb.train_settings([4, 8, 16], smoke=False)
+    assert len(grid) == len(set(grid)) == 13
+    assert {(s.micro_batch, s.activation_checkpointing, s.compile) for s in grid if not s.document_mask} == \
+        {(mb, ac, c) for mb in (4, 8, 16) for ac in (False, True) for c in (False, True)}
+    assert grid[0] == gb.TrainSetting(8)  # the headline setting runs first
+    assert [s.name for s in grid[:4]] == ["mb8", "mb4", "mb16", "mb8-docmask"]
+
+
+def test_settings_past_the_budget_are_recorded_as_skipped(tmp_path):
+    gb = _load()
+    opts = gb.parse_args(["--out", str(tmp_path), "--smoke"])
+    result = gb.section_train(opts, tmp_path, deadline=time.perf_counter() - 1, log=lambda text: None)
+    assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 5
+    assert "skipped (time budget)" in gb.format_train_rows(result["rows"])
+
+
+def test_unknown_section_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        _load().parse_args(["--out", str(tmp_path), "--sections", "train,nope"])
+
+
+def test_smoke_run_measures_every_path(tmp_path, capsys):
+    gb = _load()
+    assert gb.main(["--out", str(tmp_path), "--smoke"]) == 0
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    rows = {r["setting"]: r for r in result["train"]["rows"]}
+    assert set(rows) == {"mb1", "mb2-ac", "mb1-compile", "mb2-ac-compile", "mb2-docmask"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["measured_steps"] == 2 and r["peak_alloc_gb"] > 0
+    # the same seed and data: checkpointing and compiling change nothing in the losses
+    assert rows["mb1"]["loss_first"] == pytest.approx(rows["mb1-compile"]["loss_first"], rel=1e-4)
+    assert rows["mb2-ac"]["loss_first"] == pytest.approx(rows["mb2-ac-compile"]["loss_first"], rel=1e-4)
+    assert rows["mb2-docmask"]["loss_first"] != rows["mb2-ac"]["loss_first"]  # documents are masked
+    assert "attention within documents (EOS id 2): kernel sdpa-mask" in (tmp_path / "train_logs.txt").read_text()
+    gen = result["generate"]
+    assert gen["status"] == "ok" and gen["ours"] > 0
+    assert gen["hf_dynamic_identical_rows"] == gen["hf_static_identical_rows"] == gen["rows"]  # fp32 greedy
+    kernels = result["kernels"]
+    assert {r["kernel"] for r in kernels["rows"]} == {"rms_norm", "rope", "swiglu", "cross_entropy",
+                                                       "fused_linear_cross_entropy"}
+    assert not [r for r in kernels["rows"] if "error" in r]
+    assert all(r["fwd_ms"] > 0 for r in kernels["rows"])
+    assert kernels["attention"] and "error" not in kernels["attention"][0]
+    md = (tmp_path / "gpu_bench.md").read_text()
+    for heading in ("## Pretraining tiny", "## Generation", "## Kernels", "## Against the targets"):
+        assert heading in md
+    logs = (tmp_path / "train_logs.txt").read_text()
+    assert "profile of step 4" in logs  # mb1 profiles one extra step after its 3
+    assert "against the targets" in capsys.readouterr().out
