@@ -179,6 +179,16 @@ class ChatEncoder:
                              f"{self.template_len} header tokens")
         return self._prompt_from_body(self.tokenizer.encode(prompt), room)
 
+    def conversation_ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
+        """The ids of a multi-turn chat, ready for the next answer: BOS once, then each earlier
+        (user, assistant) turn laid out as in training (the answer closed by EOS), then `prompt`
+        between the headers. With no earlier turns this is `prompt_ids` (uncut); the layout is
+        the one chat_template.jinja renders for a list of messages."""
+        ids = [self.tokenizer.bos_id]
+        for user, answer in turns:
+            ids += self._head[1:] + self.tokenizer.encode(user) + self._tail + self.response_ids(answer)
+        return ids + self._head[1:] + self.tokenizer.encode(prompt) + self._tail
+
     def response_ids(self, response: str) -> list[int]:
         return self.tokenizer.encode(response) + [self.tokenizer.eos_id]
 

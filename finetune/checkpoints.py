@@ -10,13 +10,16 @@ from pathlib import Path
 from finetune.chat import ChatTemplate
 from pretrain.checkpoint import load_model_from_any, save_consolidated
 from finetune.tokenizer import Tokenizer, load_tokenizer
+from pretrain.checkpoint import resolve_model_dir
 
 
 def load_start(ckpt, tokenizer=None, kernels: str = "auto"):
-    """(model on CPU, Tokenizer, ChatTemplate) for --ckpt (our format, training ckpt or HF dir)."""
+    """(model on CPU, Tokenizer, ChatTemplate) for --ckpt (our format, training ckpt or HF dir, or a
+    pretraining output dir: the tokenizer and template are read beside the weights it resolves to)."""
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    ckpt = resolve_model_dir(ckpt)
     model = load_model_from_any(ckpt, kernels=kernels)
     tok = load_tokenizer(ckpt, tokenizer, model_vocab_size=model.config.vocab_size)
     return model, tok, ChatTemplate.load(ckpt)

@@ -93,10 +93,13 @@ class DecodeStep:
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                    temperature: float = 0.0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> list[list[int]]:
+                   generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+                   on_token=None) -> list[list[int]]:
     """Generated ids per prompt (EOS included when the row stopped on it).
 
     `cuda_graph` (default: on CUDA) replays the decoding step from a CUDA graph.
+    `on_token(tokens)`, when given, sees each step's (B,) tensor of new ids as soon as it is
+    sampled (streaming to a terminal); an exception it raises stops decoding.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch needs at least one prompt and no empty prompt")
@@ -123,10 +126,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
         tok = _sample(logits[:, -1], temperature, top_p, generator)
         tok = tok.masked_fill(finished, pad_id)  # rows already done keep feeding padding
         steps.append(tok)
+        if on_token is not None:
+            on_token(tok)
         finished |= tok == eos_id
         # Asking the device whether every row is done waits for it: do it every 8 steps only
-        # (extra steps after the last EOS only add padding, which is cut off below).
-        if step == max_new_tokens - 1 or (step % 8 == 7 and bool(finished.all())):
+        # (extra steps after the last EOS only add padding, which is cut off below), or every
+        # step when streaming, whose callback waits for each token anyway.
+        check = step % 8 == 7 or on_token is not None
+        if step == max_new_tokens - 1 or (check and bool(finished.all())):
             break
         logits = decode(tok, next_pos)
         next_pos = next_pos + 1

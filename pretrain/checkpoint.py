@@ -17,7 +17,7 @@ rank has finished (barrier) and the marker is on disk, so a crash mid-write leav
 .tmp directory, which `--resume auto` ignores (and reports). Distributed checkpoints can
 be loaded on a different number of ranks (DCP reshards).
 
-Shared with finetune/: `save_consolidated`, `load_model_from_any`.
+Shared with finetune/: `save_consolidated`, `load_model_from_any`, `resolve_model_dir`.
 """
 from __future__ import annotations
 
@@ -267,25 +267,35 @@ def save_consolidated(fabric, model, directory: str | os.PathLike, tokenizer: st
     return Path(directory)
 
 
-def load_model_from_any(path: str | os.PathLike, kernels: str = "auto") -> Llama:
-    """A Llama on CPU from: an HF Llama dir, our consolidated dir (config.json + model.safetensors),
-    a training checkpoint dir (step-NNNNNN), or a training output dir (its final/ or newest checkpoint)."""
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The directory whose weights `load_model_from_any(path)` reads (its tokenizer.model and chat
+    template sit beside them): `path` itself, or a pretraining output dir's final/ or newest checkpoint."""
     from model import hf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
-    if hf.is_hf_checkpoint(path):
-        return hf.load_hf(path, kernels=kernels)
-    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        return Llama.load(path, kernels=kernels)
-    if is_training_checkpoint(path):
-        return read_training_checkpoint_model(path, kernels=kernels)
+    if hf.is_hf_checkpoint(path) or ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()) \
+            or is_training_checkpoint(path):
+        return path
     if (path / "final" / WEIGHTS_FILE).is_file():
-        return Llama.load(path / "final", kernels=kernels)
+        return path / "final"
     latest, _ = find_latest(path / "checkpoints")
     if latest is not None:
-        return read_training_checkpoint_model(latest, kernels=kernels)
+        return latest
     raise ValueError(f"{path}: not a model directory; expected an HF Llama dir, a consolidated dir "
                      f"({CONFIG_FILE} + {WEIGHTS_FILE}), a training checkpoint (step-NNNNNN with {MARKER}) "
                      f"or a pretraining output dir (final/ or checkpoints/)")
+
+
+def load_model_from_any(path: str | os.PathLike, kernels: str = "auto") -> Llama:
+    """A Llama on CPU from: an HF Llama dir, our consolidated dir (config.json + model.safetensors),
+    a training checkpoint dir (step-NNNNNN), or a training output dir (its final/ or newest checkpoint)."""
+    from model import hf
+
+    path = resolve_model_dir(path)
+    if hf.is_hf_checkpoint(path):
+        return hf.load_hf(path, kernels=kernels)
+    if is_training_checkpoint(path) and not (path / WEIGHTS_FILE).is_file():
+        return read_training_checkpoint_model(path, kernels=kernels)
+    return Llama.load(path, kernels=kernels)

@@ -283,6 +283,8 @@ def print_summary(p: Pipeline) -> None:
     print(f"HF export: {out / 'hf'} (transformers.LlamaForCausalLM.from_pretrained loads it)")
     total = time.time() - p.started
     print("stage times: " + ", ".join(f"{k.split()[0]} {v:.0f}s" for k, v in p.timings.items()) + f"; total {total:.0f}s")
+    final = out / "spin" / f"iter{p.size.spin_iterations}"
+    print(f"\nchat with what it trained:  python scripts/chat.py --ckpt {final}")
 
 
 def main(argv=None) -> int:

@@ -108,3 +108,27 @@ def record_launches(monkeypatch, module, name: str) -> LaunchRecorder:
     recorder = LaunchRecorder(getattr(module, name))
     monkeypatch.setattr(module, name, recorder)
     return recorder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """One random `tiny` model saved three ways, each with the tiny tokenizer: "base" (our
+    consolidated format, no chat template, like a pretrained model), "sft" (plus the default
+    chat_template.json, like an SFT/SPIN output) and "hf" (an HF export with its Jinja template)."""
+    import shutil
+
+    from finetune.chat import ChatTemplate
+    from model import Config, Llama
+    from model.hf import save_hf, save_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_ckpts")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny"), kernels="torch")
+    paths = {name: root / name for name in ("base", "sft", "hf")}
+    for name in ("base", "sft"):
+        model.save(paths[name])
+        shutil.copyfile(tiny_tokenizer, paths[name] / "tokenizer.model")
+    ChatTemplate().save(paths["sft"])
+    save_hf(model, paths["hf"])
+    save_hf_tokenizer(tiny_tokenizer, paths["hf"], chat_template=ChatTemplate().jinja())
+    return paths

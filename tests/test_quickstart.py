@@ -33,6 +33,18 @@ def test_summary_reports_every_stage(quickstart_out):
         assert line in stdout
 
 
+def test_summary_ends_with_a_working_chat_command(quickstart_out, request):
+    out, stdout = quickstart_out
+    last = stdout.strip().splitlines()[-1]
+    command = last.split("  ", 1)[1].split()
+    assert last.startswith("chat with what it trained:") and command[:2] == ["python", "scripts/chat.py"]
+    assert command[2:] == ["--ckpt", str(out.resolve() / "spin" / "iter2")]
+    result = subprocess.run([sys.executable, *command[1:], "--max-new-tokens", "8"], input="What does json.dumps do?\n",
+                            cwd=request.config.rootpath, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "chat template: " in result.stderr and "chat_template.json" in result.stderr
+
+
 def test_token_shards_are_readable(quickstart_out):
     out, _ = quickstart_out
     vocab = Llama.load(out / "pretrain" / "final").config.vocab_size

@@ -1,0 +1,211 @@
+"""Multi-turn chat prompts for talking to a model (scripts/chat.py).
+
+A conversation is rendered with the checkpoint's own template, found in this order:
+
+1. `chat_template.json` beside the weights: the template SFT and SPIN trained with
+   (finetune/chat.py's `ChatEncoder.conversation_ids`, exact token ids);
+2. an HF directory's Jinja chat template (`chat_template` in tokenizer_config.json, or a
+   chat_template.jinja file): rendered to text the way transformers renders it, then
+   tokenized the way transformers' Llama tokenizer does (special-token strings such as
+   "<s>" and "</s>" become their ids; only text at the very start gets sentencepiece's
+   leading space);
+3. neither (a pretrained base model): the project's default template, and the caller is
+   told so (`ChatFormat.is_default`).
+
+`Conversation` keeps the turns and, when the next prompt would not fit, drops the oldest
+turns first.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.chat import JINJA_FILE, TEMPLATE_FILE, ChatEncoder, ChatTemplate
+from finetune.tokenizer import Tokenizer
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class TemplateFormat:
+    """Our template (finetune/chat.py), applied to token ids."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, source: str, is_default: bool = False):
+        self.encoder = ChatEncoder(tokenizer, template)
+        self.source, self.is_default = source, is_default
+
+    def ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
+        return self.encoder.conversation_ids(turns, prompt)
+
+
+class JinjaFormat:
+    """An HF chat template: Jinja rendered to text, text to ids as transformers' Llama tokenizer does."""
+    is_default = False
+
+    def __init__(self, tokenizer: Tokenizer, template: str, special_tokens: dict[str, str],
+                 special_ids: dict[str, int], source: str):
+        from jinja2.exceptions import TemplateError
+
+        self.tokenizer, self.source = tokenizer, source
+        self.special_tokens = special_tokens      # bos_token etc. as the template sees them
+        self.special_ids = special_ids            # every special string -> its id
+        try:
+            self.template = _jinja_env().from_string(template)
+        except TemplateError as e:
+            raise ValueError(f"{source}: the chat template is not valid Jinja ({e})") from e
+        self._specials = re.compile("|".join(re.escape(s) for s in sorted(special_ids, key=len, reverse=True)))
+        self._no_prefix = _without_dummy_prefix(tokenizer)
+
+    def render(self, turns: list[tuple[str, str]], prompt: str) -> str:
+        from jinja2.exceptions import TemplateError
+
+        messages = []
+        for user, answer in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": prompt})
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except TemplateError as e:
+            raise ValueError(f"{self.source}: the chat template failed to render ({e})") from e
+
+    def encode(self, text: str) -> list[int]:
+        ids, pos = [], 0
+        for match in self._specials.finditer(text):
+            ids += self._encode_text(text[pos:match.start()], at_start=pos == 0)
+            ids.append(self.special_ids[match.group()])
+            pos = match.end()
+        return ids + self._encode_text(text[pos:], at_start=pos == 0)
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        if not text:
+            return []
+        # Only the text at offset 0 gets the leading "▁"; text after a special token does not.
+        return self.tokenizer.encode(text) if at_start else self._no_prefix.encode(text)
+
+    def ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
+        return self.encode(self.render(turns, prompt))
+
+
+def _jinja_env():
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    # The settings chat templates are written for (transformers renders them this way).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env
+
+
+def _without_dummy_prefix(tokenizer: Tokenizer):
+    """The same sentencepiece model, but without the leading space it adds to every text."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def _token_text(value) -> str | None:
+    """A special token in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _hf_chat_template(directory: Path) -> tuple[str, str, dict] | None:
+    """(template, where it was found, tokenizer_config) of an HF directory, or None."""
+    config_path = directory / HF_TOKENIZER_CONFIG
+    config = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if isinstance(template, str) and template.strip():
+        return template, f"{config_path} (chat_template)", config
+    jinja = directory / JINJA_FILE
+    if jinja.is_file() and (directory / HF_TOKENIZER_CONFIG).is_file():
+        return jinja.read_text(encoding="utf-8"), str(jinja), config
+    return None
+
+
+def _jinja_format(tokenizer: Tokenizer, template: str, source: str, config: dict) -> JinjaFormat:
+    sp = tokenizer.sp
+    pieces = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id)}
+    if sp.unk_id() >= 0:
+        pieces["unk_token"] = sp.id_to_piece(sp.unk_id())
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        text = _token_text(config.get(name))
+        if text is not None:
+            pieces[name] = text
+    special_ids = {}
+    for name, text in pieces.items():
+        token_id = sp.piece_to_id(text)
+        if token_id == sp.unk_id() and text != sp.id_to_piece(sp.unk_id()):
+            raise ValueError(f"{source}: {name} {text!r} is not a piece of tokenizer {tokenizer.path}; "
+                             f"the tokenizer does not belong to this directory")
+        special_ids[text] = token_id
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        text = _token_text(entry)
+        if text is None or text in special_ids:
+            continue
+        if int(key) >= tokenizer.vocab_size or sp.piece_to_id(text) != int(key):
+            raise ValueError(f"{source}: added token {text!r} (id {key}) is not in tokenizer {tokenizer.path}; "
+                             f"tokens added on top of tokenizer.model are not supported")
+        special_ids[text] = int(key)
+    return JinjaFormat(tokenizer, template, pieces, special_ids, source)
+
+
+def find_chat_format(directory: str | Path, tokenizer: Tokenizer) -> TemplateFormat | JinjaFormat:
+    """The checkpoint's own chat template (see the module docstring for the order)."""
+    directory = Path(directory)
+    if (directory / TEMPLATE_FILE).is_file():
+        return TemplateFormat(tokenizer, ChatTemplate.load(directory), str(directory / TEMPLATE_FILE))
+    found = _hf_chat_template(directory)
+    if found is not None:
+        return _jinja_format(tokenizer, *found)
+    return TemplateFormat(tokenizer, ChatTemplate(), "the project's default template", is_default=True)
+
+
+@dataclass
+class Conversation:
+    """The turns so far, rendered as the prompt for the next answer within `max_prompt_len` tokens."""
+    format: TemplateFormat | JinjaFormat
+    max_prompt_len: int
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def prompt(self, message: str) -> tuple[list[int], int]:
+        """(prompt ids for `message`, number of oldest turns dropped to make it fit).
+
+        Dropped turns are gone for good: the next prompt would not fit them either.
+        """
+        for dropped in range(len(self.turns) + 1):
+            ids = self.format.ids(self.turns[dropped:], message)
+            if len(ids) <= self.max_prompt_len:
+                del self.turns[:dropped]
+                return ids, dropped
+        raise ValueError(f"this message alone is {len(ids)} tokens with the template; the context leaves "
+                         f"room for {self.max_prompt_len}: shorten it")
+
+    def add(self, message: str, answer: str) -> None:
+        self.turns.append((message, answer))
+
+    def reset(self) -> None:
+        self.turns.clear()
