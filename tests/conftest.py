@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
 the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
-dependencies (a skip on a laptop, an error in CI), and a recorder of the tensor strides a
+dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, and a recorder of the tensor strides a
 Triton kernel is launched with."""
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as module `name` (scripts/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
 
 
 def in_ci() -> bool:

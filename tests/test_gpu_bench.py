@@ -1,23 +1,14 @@
 """scripts/gpu_bench.py: the --smoke run exercises every path on CPU and writes the report;
 the grid and the time budget behave as documented."""
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.py"
+from conftest import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_bench")
 
 
 def test_full_grid_is_every_setting_once_plain_first():
@@ -43,6 +34,7 @@ def test_unknown_section_is_refused(tmp_path):
         _load().parse_args(["--out", str(tmp_path), "--sections", "train,nope"])
 
 
+@pytest.mark.slow
 def test_smoke_run_measures_every_path(tmp_path, capsys):
     gb = _load()
     assert gb.main(["--out", str(tmp_path), "--smoke"]) == 0
