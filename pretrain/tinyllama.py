@@ -99,6 +99,7 @@ class PretrainOptions(CommonOptions):
     wandb_project: str = opt("tinyllama", "wandb project name")
     # debug hooks for tests, hidden from --help
     debug_nan_steps: str = opt("", hidden=True)
+    debug_inf_grad_steps: str = opt("", hidden=True)
     debug_step_delay: float = opt(0.0, hidden=True)
 
     def problems(self) -> list[str]:
@@ -247,6 +248,7 @@ def train(args: PretrainOptions) -> int:
     tokens_per_step = args.global_batch_size * block
     peak = peak_flops_per_second(fabric.device)
     nan_steps = {int(s) for s in args.debug_nan_steps.split(",") if s.strip()}
+    inf_grad_steps = {int(s) for s in args.debug_inf_grad_steps.split(",") if s.strip()}
 
     resolved.update(accumulation=accum, num_params=config.num_params, peak_flops=peak)
     if rank == 0:
@@ -294,6 +296,10 @@ def train(args: PretrainOptions) -> int:
             loss = model(x, targets=y, **document_kwargs)
             if step_number in nan_steps:
                 loss = loss * float("nan")
+            if step_number in inf_grad_steps:
+                # The loss stays finite (~1e31) while the squares of the gradients overflow fp32:
+                # a finite loss with an infinite gradient norm, which must be skipped too.
+                loss = loss * 1e30
             # Equal-length windows with no ignored tokens: the mean of micro-batch means is the
             # global mean, so each backward gets loss/accum (FSDP averages over the ranks).
             return loss / accum, {"loss": loss}

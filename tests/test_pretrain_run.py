@@ -222,3 +222,93 @@ def test_bad_input_gives_a_clear_error(data, tmp_path):
     proc = run(base_args(data, tmp_path / "out", "--data", f"{big}:1"), tmp_path, check=False)
     assert proc.returncode == 2
     assert "shard-0000.bin" in proc.stderr and "--vocab-size 1000" in proc.stderr
+
+
+def short_args(data: Path, out: Path, steps: int, *extra) -> list[str]:
+    args = base_args(data, out, *extra)
+    args[args.index("--max-steps") + 1] = str(steps)
+    return args
+
+
+def test_finite_loss_with_infinite_gradient_norm_is_skipped(data, tmp_path):
+    out = tmp_path / "infgrad"
+    run(short_args(data, out, 4, "--debug-inf-grad-steps", "2", "--no-save"), tmp_path)
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert rows[2]["grad_norm"] == "inf" and rows[2]["skipped_steps"] == 1
+    assert rows[2]["loss"] == "nan"  # the loss was finite, but the only step of the window was skipped
+    assert rows[4]["skipped_steps"] == 1 and np.isfinite(rows[4]["loss"]) and np.isfinite(rows[4]["grad_norm"])
+
+
+def test_keep_last_keeps_the_newest_checkpoints(data, tmp_path):
+    out = tmp_path / "keep"
+    run(short_args(data, out, 8, "--save-every", "2", "--keep-last", "2"), tmp_path)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    out_all = tmp_path / "keep-all"
+    run(short_args(data, out_all, 6, "--save-every", "2", "--keep-last", "0"), tmp_path)
+    assert sorted(p.name for p in (out_all / "checkpoints").iterdir()) == \
+        ["step-000002", "step-000004", "step-000006"]
+
+
+def test_resume_from_an_explicit_checkpoint_path(data, straight, tmp_path):
+    out = tmp_path / "from-path"
+    proc = run(base_args(data, out, "--resume", str(straight / "checkpoints" / "step-000020")), tmp_path)
+    assert "resumed from" in proc.stdout and "at step 20" in proc.stdout
+    resumed, original = losses(out), losses(straight)
+    assert sorted(resumed) == list(range(21, STEPS + 1))
+    assert all(resumed[s] == original[s] for s in resumed)  # the same steps, bit for bit
+
+
+def test_data_root_mixture_picks_up_validation_and_lr_decay_steps_end_the_cosine(tmp_path):
+    root = tmp_path / "root"
+    for name, seed in (("slimpajama", 0), ("starcoder", 1)):
+        learnable_corpus(root / name / "train", seed)
+    learnable_corpus(root / "slimpajama" / "validation", 2, n_tokens=2_000)  # starcoder has none: skipped
+    out = tmp_path / "out"
+    args = short_args(root, out, 6, "--val-every", "3", "--val-batches", "1", "--lr-decay-steps", "4", "--no-save")
+    i = args.index("--data")
+    del args[i:i + 3]
+    proc = run(args + ["--data-root", str(root)], tmp_path)
+    assert "slimpajama/train (70%" in proc.stdout and "starcoder/train (30%" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # logged step k ran at lr_at(k - 1): 3 warm-up steps up to 3e-3, the cosine ends at 0-based step 4
+    # (--lr-decay-steps; by default it would run to --max-steps), then --min-lr holds
+    assert lr[1] == pytest.approx(1e-3) and lr[4] == pytest.approx(3e-3) and lr[5] == lr[6] == pytest.approx(3e-4)
+
+
+def test_bf16_mixed_runs_on_cpu(data, tmp_path):
+    out = tmp_path / "bf16"
+    proc = run(short_args(data, out, 3, "--precision", "bf16-mixed", "--no-save"), tmp_path)
+    assert "precision bf16-mixed" in proc.stdout
+    loss = losses(out)
+    assert sorted(loss) == [1, 2, 3] and all(np.isfinite(v) for v in loss.values())
+
+
+@pytest.mark.slow
+def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    out = tmp_path / "usr1"
+    args = base_args(data, out, "--debug-step-delay", "0.2", "--save-every", "1000", "--devices", "2",
+                     "--accelerator", "cpu")
+    args[args.index("--max-steps") + 1] = "500"
+    # `python script.py --devices 2`: Fabric starts rank 1 as a child of this process (rank 0).
+    proc = subprocess.Popen([sys.executable, str(SCRIPT)] + args, env=env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:  # wait for the run to report 2 steps
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ranks = [int(pid) for pid in children if "tinyllama.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(ranks) == 1, children
+    os.kill(ranks[0], signal.SIGUSR1)  # only rank 1 is told
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "received a stop signal" in stdout
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file(), stderr[-3000:]
+    state = saved[0] / "state"
+    assert (state / "__0_0.distcp").is_file() and (state / "__1_0.distcp").is_file()  # both ranks saved
+    assert not (out / "final").exists()
