@@ -100,3 +100,33 @@ def test_pictures_and_samples(quickstart_out):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = json.loads((out / "samples.json").read_text())
     assert samples and all({"prompt", "human", "before", "after"} <= set(s) for s in samples)
+
+
+def _quickstart(out, request):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "scripts/quickstart.py", "--size", "smoke", "--out", str(out)]
+                          + (["--fresh"] if out.name == "fresh" else []),
+                          cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_interrupted_quickstart_continues_and_fresh_starts_over(quickstart_out, tmp_path, request):
+    import shutil
+
+    out, _ = quickstart_out
+    # As if it had been stopped during the last stage: its output is missing, the rest is done.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "samples.json").unlink()
+    result = _quickstart(resumed, request)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("already done") == 6  # corpus, tokenizer, tokenize, pretrain, SFT, SPIN
+    assert "--- export to Hugging Face format, plot, sample answers" in result.stdout
+    assert json.loads((resumed / "samples.json").read_text())
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh)
+    (fresh / "leftover.txt").write_text("from an older run")
+    result = _quickstart(fresh, request)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "already done" not in result.stdout and not (fresh / "leftover.txt").exists()
+    assert (fresh / "pretrain" / "final" / "model.safetensors").is_file() and (fresh / "samples.json").is_file()
