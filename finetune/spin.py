@@ -67,8 +67,9 @@ __all__ = ["spin_loss", "main"]
 STATE_FILE = "state.json"
 RUN_ARGS_FILE = "run_args.json"
 # Flags that change what the stored stages contain: a resumed run must use the same values.
+# β is not one: no stored stage depends on it, so a resumed run may change it for iterations not yet trained.
 STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
-               "temperature", "top_p", "seed", "beta", "no_previous_pairs")
+               "temperature", "top_p", "seed", "no_previous_pairs")
 
 
 @dataclass(kw_only=True)
@@ -85,7 +86,8 @@ class SpinOptions(FinetuneOptions):
     temperature: float = opt(1.0, "0 = greedy", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
     # training
-    beta: float = opt(0.1, "SPIN/DPO temperature β")
+    beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
+                           "comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
     lr: float = opt(5e-7, "learning rate of the first iterations", minimum=0)
     lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
     lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
@@ -103,7 +105,25 @@ class SpinOptions(FinetuneOptions):
     no_progress: bool = opt(False, "no progress bars")
 
     def problems(self) -> list[str]:
-        return [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+        problems = [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+        try:
+            betas = self.betas()
+        except ValueError:
+            return problems + [f"--beta must be numbers separated by commas, got {self.beta!r}"]
+        if len(betas) not in (1, self.iterations):
+            problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
+                            f"(every iteration) or one per iteration")
+        if any(b <= 0 for b in betas):
+            problems.append(f"--beta must be positive, got {self.beta}")
+        return problems
+
+    def betas(self) -> list[float]:
+        return [float(v) for v in str(self.beta).split(",")]
+
+    def beta_at(self, t: int) -> float:
+        """β of iteration t (0-based)."""
+        betas = self.betas()
+        return betas[t] if len(betas) > 1 else betas[0]
 
 
 def parse_args(argv=None) -> SpinOptions:
@@ -310,6 +330,7 @@ class SpinRun:
         ref_real = torch.tensor([float(ref["real"][where[(p["source_iteration"], p["index"])]]) for p in pairs])
         ref_gen = torch.tensor([float(ref["generated"][where[(p["source_iteration"], p["index"])]]) for p in pairs])
         peak_lr = args.lr if t < args.lr_drop_iteration else args.lr_later
+        beta = args.beta_at(t)
         batch = min(args.global_batch_size, len(pairs) // (args.micro_batch_size * self.world)
                     * args.micro_batch_size * self.world) or args.global_batch_size
         if batch != args.global_batch_size:
@@ -344,7 +365,7 @@ class SpinRun:
                     real, gen = self.policy_logps(model, chunk)
                     idx = torch.tensor(micro)
                     loss, m = spin_loss(real, gen, ref_real[idx].to(real.device), ref_gen[idx].to(real.device),
-                                        args.beta)
+                                        beta)
                     rows = 2 * len(chunk)
                     meter.add(rows * self.padded_len(chunk) * self.world, rows * self.world)
                     # micro-batch mean -> share of the global-batch mean (x world: FSDP averages over ranks)
@@ -356,7 +377,7 @@ class SpinRun:
                 self.global_step += 1
                 rate = meter.read()
                 metrics = {k: v / batch for k, v in result.sums.items()}
-                metrics.update(lr=lr, epoch=epoch, grad_norm=result.grad_norm,
+                metrics.update(lr=lr, beta=beta, epoch=epoch, grad_norm=result.grad_norm,
                                pairs_per_s=rate["tokens_per_sec"] / max(rate["mean_seq_len"], 1) / 2,
                                tokens_per_sec=rate["tokens_per_sec"],
                                **mfu_metrics(self.config, rate["mean_seq_len"], rate["tokens_per_sec"], self.world,

@@ -1,0 +1,40 @@
+"""finetune/spin.py's options and the pure helpers behind its stages: per-iteration β, lengths
+fitted to the model's context, the prompt sample, the released-pairs reader, the schedule."""
+import json
+import types
+
+import pytest
+
+from finetune.spin import SpinOptions, SpinRun, parse_args
+
+BASE = ["--ckpt", "C", "--data", "D", "--out", "O"]
+
+
+def test_beta_per_iteration():
+    args = parse_args(BASE + ["--iterations", "4", "--beta", "0.1,0.1,0.1,5.0"])
+    assert [args.beta_at(t) for t in range(4)] == [0.1, 0.1, 0.1, 5.0]
+    one = parse_args(BASE + ["--iterations", "3", "--beta", "0.5"])
+    assert [one.beta_at(t) for t in range(3)] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("beta,message", [("0.1,5.0", "--beta has 2 values but --iterations is 4"),
+                                          ("0.1,x", "--beta must be numbers separated by commas"),
+                                          ("0", "--beta must be positive")])
+def test_bad_beta_is_refused(beta, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(BASE + ["--iterations", "4", "--beta", beta])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resumed_run_may_change_beta_but_not_a_stage_flag(tmp_path):
+    """β shapes no stored stage (generations, pairs, reference log-probs): resuming with another
+    β for the iterations not yet trained is allowed; a stage flag still is refused."""
+    def fake_run(**flags):
+        args = SpinOptions(ckpt="C", data="D", out=tmp_path, **flags)
+        return types.SimpleNamespace(args=args, rank=0, fabric=types.SimpleNamespace(barrier=lambda: None))
+
+    SpinRun.check_run_args(fake_run(beta="0.1", iterations=2))
+    SpinRun.check_run_args(fake_run(beta="0.1,5.0", iterations=2))  # no error
+    with pytest.raises(ValueError, match="--seed was 42"):
+        SpinRun.check_run_args(fake_run(beta="0.1", iterations=2, seed=1))
+    assert "beta" not in json.loads((tmp_path / "run_args.json").read_text())
