@@ -7,7 +7,7 @@
 Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
   1. generate   θt answers the first N prompts ("generated"), batched KV-cache decoding
   2. pairs      (prompt, real answer, generated answer); pairs whose generation equals the real
-                answer or is empty are dropped and counted
+                answer or has no token are dropped and counted (an answer that is EOS alone is kept)
   3. ref logps  log πθt(real|x), log πθt(generated|x) computed once and stored, so no second
                 model is in memory while training; training data = this iteration's pairs +
                 the previous iteration's (from t = 1 on, as the paper)
@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
-from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
+from finetune.chat import IGNORE_INDEX, ChatEncoder, TruncationStats, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.options import FinetuneOptions
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice
@@ -167,6 +167,7 @@ class SpinRun:
         self.encoder = ChatEncoder(self.tok, self.template)
         self.examples = read_chat(args.data, limit=args.num_prompts)
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
+        self.prompts_truncated = self.encoder.stats.prompts_truncated
         self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
                                     wandb_mode=args.wandb_mode, run_config=as_dict(args) | {"stage": "spin"})
         self.peak_flops = peak_flops_per_second(self.fabric.device)
@@ -241,20 +242,27 @@ class SpinRun:
             return
         if self.rank == 0:
             generations = {row["index"]: row for row in _read_jsonl(work / "generations.jsonl")}
-            pairs, identical, empty = [], 0, 0
+            # Counted afresh per iteration (prompt truncations were counted once, when the prompts were
+            # encoded): pairs_stats.json is the same whether or not the run was resumed.
+            self.encoder.stats = TruncationStats(prompts_truncated=self.prompts_truncated)
+            pairs, identical, empty, eos_only = [], 0, 0, 0
+            max_length = sum(1 for row in generations.values() if not row.get("stopped", False))
             for ex, prompt in zip(self.examples, self.prompts):
                 gen = generations[ex.index]["generated_ids"]
                 real = self.encoder.fit_response(prompt, self.encoder.response_ids(ex.response), self.args.max_len)
                 generated = self.encoder.fit_response(prompt, list(gen), self.args.max_len)
-                if not [i for i in generated if i != self.tok.eos_id]:
-                    empty += 1  # an empty answer teaches nothing and dilutes the batch
+                if not generated:
+                    empty += 1  # nothing to score
                     continue
                 if generated == real:
                     identical += 1  # equal answers give a zero loss gradient
                     continue
+                # An answer that is EOS alone is kept: the model must learn not to stop at once.
+                eos_only += generated == [self.tok.eos_id]
                 pairs.append({"index": ex.index, "prompt_id": ex.prompt_id, "prompt_ids": prompt,
                               "real_ids": real, "generated_ids": generated})
             stats = {"pairs": len(pairs), "dropped_identical": identical, "dropped_empty": empty,
+                     "eos_only_answers": eos_only, "generations_at_max_new_tokens": max_length,
                      "prompts": len(self.examples), **self.encoder.stats.as_dict()}
             write_json(work / "pairs_stats.json", stats)
             write_jsonl(work / "pairs.jsonl", pairs)  # last: its existence marks the stage done
@@ -273,7 +281,7 @@ class SpinRun:
             pairs += previous
         if not pairs:
             raise ValueError(f"{self.work_dir(t) / 'pairs.jsonl'}: no pairs to train on (all generations were "
-                             f"empty or equal to the real answers); see pairs_stats.json")
+                             f"equal to the real answers); see pairs_stats.json")
         return pairs
 
     # 3. reference log-probs -----------------------------------------------------------------

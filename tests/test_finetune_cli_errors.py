@@ -143,17 +143,50 @@ def test_spin_corrupt_state_json(ckpts, chat, tmp_path):
     assert not (out / "work").exists() and not (out / "iter1").exists()
 
 
-def test_spin_with_no_pairs_to_train_on(ckpts, chat, tmp_path):
-    # Every generated answer is EOS alone (empty), so every pair is dropped.
+def test_spin_with_no_pairs_to_train_on(ckpts, tmp_path):
+    # The real answers are empty (EOS alone) and every generated answer is EOS alone too:
+    # every pair is identical and dropped.
+    chat = tmp_path / "empty_answers.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"name {i}"},
+                                                     {"role": "assistant", "content": ""}]}) + "\n"
+                            for i in range(16)))
     out = tmp_path / "spin"
     result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *SPIN_SMALL)
     assert_refused(result, f"{out / 'work' / 'iter0' / 'pairs.jsonl'}: no pairs to train on",
                    "see pairs_stats.json")
     stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
-    assert stats["pairs"] == 0 and stats["dropped_empty"] == 16
+    assert stats["pairs"] == 0 and stats["dropped_identical"] == 16 and stats["dropped_empty"] == 0
     assert not (out / "state.json").exists() and not (out / "iter1").exists()
     assert not (out / "work" / "iter0" / "ref_logps.pt").exists()
     assert [p.name for p in out.rglob(".*")] == []
+
+
+def test_spin_keeps_eos_only_answers_and_counts_per_iteration(ckpts, tmp_path):
+    """Answers that are EOS alone are valid rejected answers; pairs_stats.json counts each
+    iteration on its own (the real answers are cut to --max-len in both iterations: 16 each)."""
+    chat = tmp_path / "long_answers.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"name {i}"},
+                                                     {"role": "assistant", "content": "it is " * 40}]}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "spin"
+    flags = [a if a != 1 else 2 for a in SPIN_SMALL]  # --iterations 2 --epochs 2
+    result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for t in (0, 1):
+        stats = json.loads((out / "work" / f"iter{t}" / "pairs_stats.json").read_text())
+        assert stats["pairs"] == 16 and stats["eos_only_answers"] == 16 and stats["dropped_empty"] == 0, stats
+        assert stats["responses_truncated"] == 16 and stats["generations_at_max_new_tokens"] == 0, stats
+
+
+def test_spin_counts_generations_that_reach_max_new_tokens(ckpts, chat, tmp_path):
+    out = tmp_path / "spin"
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *SPIN_SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "work" / "iter0" / "generations.jsonl").read_text().splitlines()]
+    unstopped = sum(not r["stopped"] for r in rows)
+    assert unstopped == sum(len(r["generated_ids"]) == 4 and r["generated_ids"][-1] != 2 for r in rows) > 0
+    stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
+    assert stats["generations_at_max_new_tokens"] == unstopped
 
 
 def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
