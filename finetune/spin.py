@@ -79,9 +79,13 @@ class SpinOptions(FinetuneOptions):
     iterations: int = opt(4, "SPIN iterations", minimum=1)
     num_prompts: int = opt(50000, "first N rows of --data", minimum=1)
     # generation
-    max_new_tokens: int = opt(256, "tokens generated per answer", minimum=1)
-    max_prompt_len: int = opt(512, "prompts keep their last tokens", minimum=1)
-    max_len: int = opt(1024, "prompt + answer tokens in training", minimum=2)
+    # The three lengths default to the paper's 256/512/1024, cut to fit the model's context (fit_lengths).
+    max_new_tokens: int | None = opt(None, "tokens generated per answer (default: 256, or what the context "
+                                           "leaves after --max-prompt-len)", minimum=1)
+    max_prompt_len: int | None = opt(None, "prompts keep their last tokens (default: 512, at most half of "
+                                           "--max-len)", minimum=1)
+    max_len: int | None = opt(None, "prompt + answer tokens in training (default: 1024, at most the model's "
+                                    "context)", minimum=2)
     gen_batch_size: int = opt(16, "prompts per generation batch", minimum=1)
     temperature: float = opt(1.0, "0 = greedy", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
@@ -110,6 +114,9 @@ class SpinOptions(FinetuneOptions):
             betas = self.betas()
         except ValueError:
             return problems + [f"--beta must be numbers separated by commas, got {self.beta!r}"]
+        if self.max_prompt_len is not None and self.max_len is not None and self.max_prompt_len >= self.max_len:
+            problems.append(f"--max-prompt-len {self.max_prompt_len} must be below --max-len {self.max_len}: "
+                            f"a training row needs room for the answer after the prompt")
         if len(betas) not in (1, self.iterations):
             problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
                             f"(every iteration) or one per iteration")
@@ -130,6 +137,26 @@ def parse_args(argv=None) -> SpinOptions:
     return parse_options(SpinOptions, argv, description=__doc__.split("\n\n")[0],
                          epilog="Every run writes its resolved options to OUT/config.yaml; re-running the same "
                                 "command (or `python finetune/spin.py --run-config OUT/config.yaml`) resumes it.")
+
+
+def fit_lengths(args: SpinOptions, context: int) -> None:
+    """Fill in the lengths not given: the paper's 1024/512/256, cut to the model's context
+    (a 128-token model gets 128/64/64), then check them against it. Writes into `args`, so
+    config.yaml and run_args.json hold the lengths the run used."""
+    if args.max_len is None:
+        args.max_len = min(1024, context)
+    if args.max_prompt_len is None:
+        args.max_prompt_len = min(512, args.max_len // 2)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(1, min(256, context - args.max_prompt_len))
+    if args.max_prompt_len >= args.max_len:
+        raise ValueError(f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len}: "
+                         f"a training row needs room for the answer after the prompt")
+    if args.max_prompt_len + args.max_new_tokens > context:
+        raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's context ({context})")
+    if args.max_len > context:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's context ({context})")
 
 
 # ---- small file helpers --------------------------------------------------------------------
@@ -159,11 +186,7 @@ class SpinRun:
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels)
         self.config = model.config
         del model
-        if args.max_prompt_len + args.max_new_tokens > self.config.block_size:
-            raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-new-tokens {args.max_new_tokens} "
-                             f"exceeds the model's context ({self.config.block_size})")
-        if args.max_len > self.config.block_size:
-            raise ValueError(f"--max-len {args.max_len} exceeds the model's context ({self.config.block_size})")
+        fit_lengths(args, self.config.block_size)
         self.encoder = ChatEncoder(self.tok, self.template)
         self.examples = read_chat(args.data, limit=args.num_prompts)
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]

@@ -99,6 +99,8 @@ BAD_FLAGS = {
     ("spin.py", "prompt + new tokens beyond the context"): (
         ["--max-prompt-len", 100, "--max-new-tokens", 40],
         "--max-prompt-len 100 + --max-new-tokens 40 exceeds the model's context (128)"),
+    ("spin.py", "max-prompt-len not below max-len (defaulted)"): (
+        ["--max-prompt-len", 128], "--max-prompt-len 128 must be below --max-len 128"),
 }
 
 
@@ -176,6 +178,20 @@ def test_spin_keeps_eos_only_answers_and_counts_per_iteration(ckpts, tmp_path):
         stats = json.loads((out / "work" / f"iter{t}" / "pairs_stats.json").read_text())
         assert stats["pairs"] == 16 and stats["eos_only_answers"] == 16 and stats["dropped_empty"] == 0, stats
         assert stats["responses_truncated"] == 16 and stats["generations_at_max_new_tokens"] == 0, stats
+
+
+def test_spin_default_lengths_fit_a_small_context(ckpts, chat, tmp_path):
+    """No length flags on a 128-token model: the defaults are fitted to its context (the
+    paper's 512 + 256 would not fit) and the fitted values are on record."""
+    out = tmp_path / "spin"
+    flags = [a for a in SPIN_SMALL]
+    for name in ("--max-new-tokens", "--max-prompt-len", "--max-len"):
+        i = flags.index(name)
+        del flags[i:i + 2]
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags, "--temperature", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((out / "run_args.json").read_text())
+    assert (recorded["max_prompt_len"], recorded["max_new_tokens"], recorded["max_len"]) == ("64", "64", "128")
 
 
 def test_spin_counts_generations_that_reach_max_new_tokens(ckpts, chat, tmp_path):

@@ -38,3 +38,30 @@ def test_a_resumed_run_may_change_beta_but_not_a_stage_flag(tmp_path):
     with pytest.raises(ValueError, match="--seed was 42"):
         SpinRun.check_run_args(fake_run(beta="0.1", iterations=2, seed=1))
     assert "beta" not in json.loads((tmp_path / "run_args.json").read_text())
+
+
+@pytest.mark.parametrize("context,flags,expected", [
+    (128, [], (64, 64, 128)),            # a 128-token model: the defaults are cut to fit
+    (2048, [], (512, 256, 1024)),        # the paper's lengths where they fit
+    (128, ["--max-len", "100"], (50, 78, 100)),
+    (128, ["--max-prompt-len", "100", "--max-len", "120"], (100, 28, 120)),
+])
+def test_lengths_fitted_to_the_context(context, flags, expected):
+    from finetune.spin import fit_lengths
+
+    args = parse_args(BASE + flags)
+    fit_lengths(args, context)
+    assert (args.max_prompt_len, args.max_new_tokens, args.max_len) == expected
+
+
+def test_prompt_as_long_as_the_row_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(BASE + ["--max-prompt-len", "64", "--max-len", "64"])
+    assert e.value.code == 2
+    assert "--max-prompt-len 64 must be below --max-len 64" in capsys.readouterr().err
+    from finetune.spin import fit_lengths
+
+    args = parse_args(BASE + ["--max-len", "100"])
+    args.max_prompt_len = 100  # e.g. from an edited config: caught again once the context is known
+    with pytest.raises(ValueError, match="--max-prompt-len 100 must be below --max-len 100"):
+        fit_lengths(args, 128)
