@@ -2,10 +2,12 @@
 
     python finetune/spin.py --ckpt SFT_DIR/final --data CHAT/train.jsonl --out SPIN_DIR \
         [--iterations 4] [--num-prompts 50000] [--max-new-tokens 256] ...
+    python finetune/spin.py --ckpt SFT_DIR/final --pairs SPIN_iter0/train.parquet --out SPIN_DIR ...
     fabric run finetune/spin.py ...   (several GPUs: generation/reference log-probs per rank, FSDP2 training)
 
 Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
-  1. generate   θt answers the first N prompts ("generated"), batched KV-cache decoding
+  1. generate   θt answers N prompts ("generated"; a random sample seeded by --seed), batched
+                KV-cache decoding; with --pairs, iteration 0 takes the file's answers instead
   2. pairs      (prompt, real answer, generated answer); pairs whose generation equals the real
                 answer or has no token are dropped and counted (an answer that is EOS alone is kept)
   3. ref logps  log πθt(real|x), log πθt(generated|x) computed once and stored, so no second
@@ -52,6 +54,7 @@ from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batch
 from finetune.chat import IGNORE_INDEX, ChatEncoder, TruncationStats, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.options import FinetuneOptions
+from finetune.spin_data import read_pairs, reindex, sample_rows
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice
 from finetune.losses import sequence_logps, spin_loss
 from model.atomic import write_json, write_jsonl, write_torch
@@ -68,7 +71,7 @@ STATE_FILE = "state.json"
 RUN_ARGS_FILE = "run_args.json"
 # Flags that change what the stored stages contain: a resumed run must use the same values.
 # β is not one: no stored stage depends on it, so a resumed run may change it for iterations not yet trained.
-STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
+STAGE_FLAGS = ("ckpt", "data", "pairs", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
                "temperature", "top_p", "seed", "no_previous_pairs")
 
 
@@ -76,8 +79,12 @@ STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "ma
 class SpinOptions(FinetuneOptions):
     """Every option of finetune/spin.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
 
+    data: Path | None = opt(None, "UltraChat-format .jsonl or .parquet (not needed with --pairs)")
+    pairs: Path | None = opt(None, "train iteration 0 on these pairs instead of generating: SPIN's released "
+                                   "data layout (UCLA-AGI/SPIN_iter0), rows {real, generated} of messages; "
+                                   ".jsonl or .parquet; later iterations answer the same prompts")
     iterations: int = opt(4, "SPIN iterations", minimum=1)
-    num_prompts: int = opt(50000, "first N rows of --data", minimum=1)
+    num_prompts: int = opt(50000, "a random sample of N rows of --data/--pairs, seeded by --seed", minimum=1)
     # generation
     # The three lengths default to the paper's 256/512/1024, cut to fit the model's context (fit_lengths).
     max_new_tokens: int | None = opt(None, "tokens generated per answer (default: 256, or what the context "
@@ -110,6 +117,9 @@ class SpinOptions(FinetuneOptions):
 
     def problems(self) -> list[str]:
         problems = [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+        if (self.data is None) == (self.pairs is None):
+            problems.append("give --data (prompts and real answers; θ0 generates) or --pairs (given pairs), "
+                            "not both" if self.data is not None else "one of --data or --pairs is required")
         try:
             betas = self.betas()
         except ValueError:
@@ -188,7 +198,14 @@ class SpinRun:
         del model
         fit_lengths(args, self.config.block_size)
         self.encoder = ChatEncoder(self.tok, self.template)
-        self.examples = read_chat(args.data, limit=args.num_prompts)
+        # Given answers (--pairs) stand in for θ0's generations; both sources are sampled alike.
+        if args.pairs is not None:
+            examples, given = read_pairs(args.pairs)
+        else:
+            examples, given = read_chat(args.data), None
+        rows = sample_rows(len(examples), args.num_prompts, args.seed)
+        self.examples = reindex(examples, rows)
+        self.given = None if given is None else [self.encoder.response_ids(given[r]) for r in rows]
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
         self.prompts_truncated = self.encoder.stats.prompts_truncated
         self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
@@ -238,6 +255,14 @@ class SpinRun:
         if final.is_file():
             return
         work.mkdir(parents=True, exist_ok=True)
+        if t == 0 and self.given is not None:
+            # --pairs: the file's answers are iteration 0's generations (ids as training will see them).
+            if self.rank == 0:
+                write_jsonl(final, [{"index": i, "generated_ids": ids, "stopped": True, "given": True}
+                                    for i, ids in enumerate(self.given)])
+                self.fabric.print(f"iter0: {len(self.given)} generated answers from {self.args.pairs}")
+            self.fabric.barrier()
+            return
         mine = rank_slice(len(self.prompts), self.rank, self.world)
         stats = generate_to_file(
             model(), [(i, self.prompts[i]) for i in mine], work / f"generations.rank{self.rank}.jsonl",

@@ -212,3 +212,29 @@ def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
     assert_refused(result, "--global-batch-size 10 must be a multiple of --micro-batch-size 4 x 1 device(s)")
     assert not (out / "state.json").exists() and not (out / "iter1").exists()
     assert [p.name for p in out.rglob(".*")] == []
+
+
+def test_spin_trains_on_given_pairs_without_data(ckpts, tmp_path):
+    """--pairs in SPIN's released layout: iteration 0 trains on the file's answers (nothing is
+    generated), --data is not needed, and --num-prompts samples rows at random."""
+    from finetune.tokenizer import load_tokenizer
+
+    rows = [{"real": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"it is {i}"}],
+             "generated": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"no {i}"}]}
+            for i in range(24)]
+    pairs = tmp_path / "SPIN_iter0.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "spin"
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--pairs", pairs, "--out", out, *SPIN_SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tok = load_tokenizer(ckpts["ok"])
+    kept = [json.loads(l) for l in (out / "work" / "iter0" / "pairs.jsonl").read_text().splitlines()]
+    assert len(kept) == 16
+    row_numbers = [int(p["prompt_id"]) for p in kept]  # no prompt_id in the file: its line number
+    assert row_numbers == sorted(row_numbers) and row_numbers != list(range(1, 17))
+    for p in kept:
+        i = row_numbers[kept.index(p)] - 1
+        assert p["generated_ids"] == tok.encode(f"no {i}") + [tok.eos_id]
+        assert p["real_ids"] == tok.encode(f"it is {i}") + [tok.eos_id]
+    assert (out / "iter1" / "model.safetensors").is_file()
+    assert not (out / "work" / "iter0" / "generations.rank0.jsonl").exists()  # nothing was generated

@@ -65,3 +65,62 @@ def test_prompt_as_long_as_the_row_is_refused(capsys):
     args.max_prompt_len = 100  # e.g. from an edited config: caught again once the context is known
     with pytest.raises(ValueError, match="--max-prompt-len 100 must be below --max-len 100"):
         fit_lengths(args, 128)
+
+
+def test_num_prompts_is_a_seeded_random_sample():
+    from finetune.spin_data import sample_rows
+
+    rows = sample_rows(1000, 50, seed=42)
+    assert rows == sorted(set(rows)) and len(rows) == 50 and rows != list(range(50))
+    assert rows == sample_rows(1000, 50, seed=42) and rows != sample_rows(1000, 50, seed=43)
+    assert sample_rows(10, 50, seed=42) == list(range(10))
+
+
+def released_pair(prompt, real, generated):
+    return {"real": [{"role": "user", "content": prompt}, {"role": "assistant", "content": real}],
+            "generated": [{"role": "user", "content": prompt}, {"role": "assistant", "content": generated}]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_read_pairs_in_the_released_layout(tmp_path, suffix):
+    from finetune.spin_data import read_pairs
+
+    rows = [released_pair(f"q{i}", f"real {i}", f"gen {i}") for i in range(3)]
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    examples, generated = read_pairs(path)
+    assert [(e.index, e.prompt, e.response) for e in examples] == [(i, f"q{i}", f"real {i}") for i in range(3)]
+    assert generated == [f"gen {i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"real": [{"role": "user", "content": "q"}]}, "pairs.jsonl:1: field 'real' must be a list"),
+    ({**released_pair("q", "a", "b"), "generated": [{"role": "user", "content": "other"},
+                                                   {"role": "assistant", "content": "b"}]},
+     "pairs.jsonl:1: 'real' and 'generated' must share the messages before the answer"),
+    (released_pair("q", "a", "b") | {"real": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]},
+     "pairs.jsonl:1: the last message of 'real' must be the assistant's answer"),
+])
+def test_bad_pairs_name_the_line(tmp_path, row, message):
+    from finetune.spin_data import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        read_pairs(path)
+
+
+def test_data_or_pairs(capsys):
+    assert parse_args(["--ckpt", "C", "--pairs", "P", "--out", "O"]).data is None
+    for argv, message in ((["--ckpt", "C", "--out", "O"], "one of --data or --pairs is required"),
+                          (BASE + ["--pairs", "P"], "give --data (prompts and real answers; θ0 generates) or "
+                                                    "--pairs (given pairs), not both")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
