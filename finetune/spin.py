@@ -15,7 +15,9 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
                 the previous iteration's (from t = 1 on, as the paper)
   4. train      θ from θt with spin_loss (DPO sigmoid loss, chosen = real, rejected = generated,
                 reference = θt); RMSprop, no weight decay, linear warmup 10% then linear decay
-  5. save       θt+1 -> SPIN_DIR/iter{t+1}, then state.json records the iteration as complete
+                over --schedule-epochs; training stops after --epochs (or --max-steps)
+  5. save       θt+1 -> SPIN_DIR/iter{t+1} (the epochs before the last: iter{t+1}/epoch{k}), then
+                state.json records the iteration as complete
 
 Output layout:
     SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
@@ -43,6 +45,7 @@ of θt, which is fine up to a few billion parameters per GPU; training is sharde
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +109,13 @@ class SpinOptions(FinetuneOptions):
     warmup_ratio: float = opt(0.1, "linear warmup over this share of each iteration's steps", minimum=0)
     optimizer: str = opt("rmsprop", "the paper uses RMSprop", choices=["rmsprop", "adamw"])
     weight_decay: float = opt(0.0, "weight decay of the matrices", minimum=0)
-    epochs: int = opt(3, "epochs per iteration", minimum=1)
-    max_steps: int | None = opt(None, "cap on optimizer steps per iteration")
+    # The reference decays the lr over 6 epochs and stops after 2 (its model cards): the decay's
+    # length and the stopping point are two flags.
+    schedule_epochs: int = opt(6, "the warmup and decay span this many epochs of each iteration", minimum=1)
+    epochs: int = opt(2, "training stops after this many epochs of each iteration (<= --schedule-epochs); "
+                         "the epochs before the last are saved as SPIN_DIR/iter{t+1}/epoch{k}", minimum=1)
+    max_steps: int | None = opt(None, "stop each iteration after this many optimizer steps (the schedule "
+                                      "keeps its length)")
     global_batch_size: int = opt(64, "pairs per optimizer step, all ranks", minimum=1)
     micro_batch_size: int = opt(8, "pairs per forward (2x rows)", minimum=1)
     no_previous_pairs: bool = opt(False, "train on this iteration's pairs only (the paper also keeps the "
@@ -127,6 +135,9 @@ class SpinOptions(FinetuneOptions):
         if self.max_prompt_len is not None and self.max_len is not None and self.max_prompt_len >= self.max_len:
             problems.append(f"--max-prompt-len {self.max_prompt_len} must be below --max-len {self.max_len}: "
                             f"a training row needs room for the answer after the prompt")
+        if self.epochs > self.schedule_epochs:
+            problems.append(f"--epochs {self.epochs} is beyond --schedule-epochs {self.schedule_epochs}: the "
+                            f"learning rate would be 0 after the decay; raise --schedule-epochs")
         if len(betas) not in (1, self.iterations):
             problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
                             f"(every iteration) or one per iteration")
@@ -392,9 +403,9 @@ class SpinRun:
         if batch != args.global_batch_size:
             fabric.print(f"iter{t}: only {len(pairs)} pairs, global batch lowered to {batch}")
         check_batch_sizes(batch, args.micro_batch_size, self.world)
-        total = len(epoch_batches(len(pairs), batch, args.seed + t, 0)) * args.epochs
-        if args.max_steps:
-            total = min(total, args.max_steps)
+        per_epoch = len(epoch_batches(len(pairs), batch, args.seed + t, 0))
+        schedule_total = per_epoch * args.schedule_epochs  # the lr schedule's length...
+        total = min(per_epoch * args.epochs, args.max_steps or per_epoch * args.epochs)  # ...and where we stop
 
         model = shard_model(fabric, load_model_from_any(self.model_dir(t), kernels=args.kernels))
         optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
@@ -406,15 +417,15 @@ class SpinRun:
         engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
                         stop_hint=f"Stopping; iteration {t} restarts from θ{t} when re-run (lower --lr).")
         meter = Throughput(fabric.device)
-        warmup = warmup_steps_from_ratio(args.warmup_ratio, total)
+        warmup = warmup_steps_from_ratio(args.warmup_ratio, schedule_total)
         model.train()
-        step = 0
+        step, saved = 0, []
         bar = tqdm(total=total, desc=f"iter{t} train", disable=args.no_progress or self.rank != 0)
         for epoch in range(args.epochs):
             for global_batch in epoch_batches(len(pairs), batch, args.seed + t, epoch):
                 if step >= total:
                     break
-                lr = lr_at(step, peak_lr, 0.0, warmup, total, args.lr_schedule)
+                lr = lr_at(step, peak_lr, 0.0, warmup, schedule_total, args.lr_schedule)
 
                 def loss_fn(micro):
                     chunk = [pairs[i] for i in micro]
@@ -442,8 +453,18 @@ class SpinRun:
                 self.log(t, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if step == (epoch + 1) * per_epoch and step < total:
+                # A completed epoch that is not the last: staged in work/ and moved into iter{t+1}/
+                # once that exists (its atomic save replaces the whole directory).
+                with meter.paused():
+                    save_finetuned(fabric, model, self.work_dir(t) / f"epoch{epoch + 1}", self.tok, self.template)
+                saved.append(epoch + 1)
         bar.close()
-        save_finetuned(fabric, model, self.model_dir(t + 1), self.tok, self.template)
+        final = save_finetuned(fabric, model, self.model_dir(t + 1), self.tok, self.template)
+        if self.rank == 0:
+            for k in saved:
+                os.replace(self.work_dir(t) / f"epoch{k}", final / f"epoch{k}")
+        fabric.barrier()
 
     # the loop -------------------------------------------------------------------------------
     def run(self) -> None:
