@@ -20,10 +20,12 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
                 state.json records the iteration as complete
 
 Output layout:
-    SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
+    SPIN_DIR/state.json                         {"completed_iterations": k, "global_step": s}; written last
+                                                per iteration
     SPIN_DIR/config.yaml                        resolved options and backends (--run-config resumes from it)
     SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
-    SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration"
+    SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration";
+                                                one step counts on across iterations and restarts
     SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
     SPIN_DIR/work/iter{t}/generations.rank{r}.jsonl   incremental, keyed by prompt "index"
     SPIN_DIR/work/iter{t}/generations.jsonl     all ranks merged in prompt order (stage 1 done)
@@ -58,7 +60,7 @@ from finetune.chat import IGNORE_INDEX, ChatEncoder, TruncationStats, pad_right,
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.options import FinetuneOptions
 from finetune.spin_data import read_pairs, reindex, sample_rows
-from finetune.generate import generate_to_file, merge_generation_files, rank_slice
+from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_rows
 from finetune.losses import sequence_logps, spin_loss
 from model.atomic import write_json, write_jsonl, write_torch
 from pretrain.checkpoint import load_model_from_any
@@ -219,8 +221,7 @@ class SpinRun:
         self.given = None if given is None else [self.encoder.response_ids(given[r]) for r in rows]
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
         self.prompts_truncated = self.encoder.stats.prompts_truncated
-        self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
-                                    wandb_mode=args.wandb_mode, run_config=as_dict(args) | {"stage": "spin"})
+        self.logger: MetricsLogger | None = None  # opened by run(), after restore_metrics_step
         self.peak_flops = peak_flops_per_second(self.fabric.device)
         self.global_step = 0
         # Generation/reference run in the training precision's compute dtype (bf16 on GPUs by default).
@@ -255,6 +256,31 @@ class SpinRun:
         if self.gen_dtype is not None:
             model = model.to(self.gen_dtype)
         return model.to(self.fabric.device).eval()
+
+    def restore_metrics_step(self, state: dict, done: int) -> None:
+        """Continue the one metrics step where the completed iterations left it, and drop the rows
+        an interrupted training stage wrote (its iteration is re-trained from θt, and logs again).
+
+        Rows of iteration `done` at or before that step (generation, pairs: stages that stay
+        done) are kept, so metrics.jsonl has no duplicates and its steps never go backwards.
+        """
+        path = self.args.out / "metrics.jsonl"
+        # Only rank 0 logs, so only it reads (and mends a torn last line of) the file.
+        rows = read_jsonl_rows(path) if self.rank == 0 else []
+        if "global_step" in state:
+            self.global_step = int(state["global_step"])
+        else:  # a state.json from before the step was recorded
+            self.global_step = max((r["step"] for r in rows if r.get("iteration", 0) < done), default=0)
+        kept = [r for r in rows if r.get("iteration", 0) < done or r["step"] <= self.global_step]
+        if len(kept) != len(rows):
+            write_jsonl(path, kept)
+            self.fabric.print(f"{path}: dropped {len(rows) - len(kept)} row(s) of the interrupted iteration {done}")
+        self.fabric.barrier()
+        self.logger = self.new_logger()
+
+    def new_logger(self) -> MetricsLogger:
+        return MetricsLogger(self.args.out, enabled=self.rank == 0, wandb_project=self.args.wandb_project,
+                             wandb_mode=self.args.wandb_mode, run_config=as_dict(self.args) | {"stage": "spin"})
 
     def log(self, t: int, metrics: dict) -> None:
         self.logger.log({"iteration": t, **metrics}, step=self.global_step)
@@ -483,6 +509,7 @@ class SpinRun:
         if done:
             self.fabric.print(f"resuming after {done} completed iteration(s)")
         self.first_iteration = done
+        self.restore_metrics_step(state, done)
         for t in range(done, args.iterations):
             cached = {}
 
@@ -499,7 +526,7 @@ class SpinRun:
             cached.clear()  # free θt before the policy is built: one model in memory while training
             self.train(t, pairs)
             if self.rank == 0:
-                write_json(args.out / STATE_FILE, {"completed_iterations": t + 1})
+                write_json(args.out / STATE_FILE, {"completed_iterations": t + 1, "global_step": self.global_step})
                 self.log(t, {"iteration_done": t + 1})
             self.fabric.barrier()
             self.fabric.print(f"saved {self.model_dir(t + 1)}")

@@ -54,3 +54,29 @@ def test_epochs_beyond_the_schedule_are_refused(ckpts, chat, tmp_path):
     result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "o",
                  *flags(epochs=3, schedule_epochs=2))
     assert result.returncode == 2 and "--epochs 3 is beyond --schedule-epochs 2" in result.stderr
+
+
+def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, tmp_path):
+    """Iteration 1's training blows up (lr 1e30: non-finite after its first update, stopped by
+    --max-skipped-steps 1) and is re-run with a sane lr: its rows from the crashed attempt are
+    replaced, steps count on from iteration 0's, never go backwards, and no row is duplicated."""
+    out = tmp_path / "spin"
+    common = ["--ckpt", ckpts["ok"], "--data", chat, "--out", out]
+    assert run("spin.py", *common, *flags(epochs=2, schedule_epochs=2)).returncode == 0  # iteration 0: 4 steps
+    crashed = run("spin.py", *common, *flags(iterations=2, epochs=2, schedule_epochs=2, lr=1e30,
+                                             lr_later=1e30, max_skipped_steps=1))
+    assert crashed.returncode == 2 and "non-finite" in crashed.stderr, crashed.stderr[-2000:]
+    before = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["iteration"] == 1 and "rewards/margins" in r for r in before)  # the crashed attempt logged
+    resumed = run("spin.py", *common, *flags(iterations=2, epochs=2, schedule_epochs=2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["iteration"], r["step"]) for r in rows if "rewards/margins" in r]
+    # iteration 1 trains on its pairs and iteration 0's: 32 pairs, 4 steps per epoch
+    assert train == [(0, s) for s in range(1, 5)] + [(1, s) for s in range(5, 13)]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)
+    assert all(r["lr"] < 1 for r in rows if "lr" in r)  # the crashed attempt's rows are gone
+    assert [r["iteration"] for r in rows if "pairs/pairs" in r] == [0, 1]  # the stages' rows are kept, once
+    assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 2, "global_step": 12}
