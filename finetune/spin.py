@@ -99,7 +99,7 @@ class SpinOptions(FinetuneOptions):
     max_len: int | None = opt(None, "prompt + answer tokens in training (default: 1024, at most the model's "
                                     "context)", minimum=2)
     gen_batch_size: int = opt(16, "prompts per generation batch", minimum=1)
-    temperature: float = opt(1.0, "0 = greedy", minimum=0)
+    temperature: float = opt(1.0, "0 = greedy, the paper's setting (docs/spin.md: Generation settings)", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
     # training
     beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
