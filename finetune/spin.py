@@ -203,7 +203,7 @@ def read_state(out: Path) -> dict:
 class SpinRun:
     def __init__(self, args: SpinOptions):
         self.args = args
-        self.fabric = setup_fabric(args, seed=args.seed)
+        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels)

@@ -3,6 +3,7 @@ length (--schedule-epochs) apart from the stopping point (--epochs, --max-steps)
 saves, and one metrics step that runs on across iterations and restarts."""
 import json
 
+import pytest
 import torch
 
 from model import Llama
@@ -80,3 +81,19 @@ def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, t
     assert all(r["lr"] < 1 for r in rows if "lr" in r)  # the crashed attempt's rows are gone
     assert [r["iteration"] for r in rows if "pairs/pairs" in r] == [0, 1]  # the stages' rows are kept, once
     assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 2, "global_step": 12}
+
+
+def test_activation_checkpointing_trains_the_same(ckpts, chat, tmp_path):
+    """--activation-checkpointing (SFT and SPIN) recomputes blocks in backward: same losses."""
+    losses = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--activation-checkpointing"])):
+        out = tmp_path / name
+        result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags(epochs=2), *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [r["loss"] for r in train_rows(out)]
+    assert len(losses["plain"]) == 4
+    assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-5)
+    sft = run("sft.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "sft", "--max-steps", 1,
+              "--global-batch-size", 8, "--micro-batch-size", 4, "--activation-checkpointing")
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "activation_checkpointing: true" in (tmp_path / "sft" / "config.yaml").read_text()
