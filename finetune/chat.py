@@ -82,15 +82,15 @@ class ChatExample:
     response: str
 
 
-def _read_rows(path: Path):
-    """Yield (row number, dict) from a .jsonl or .parquet file."""
+def read_rows(path: Path, columns: tuple[str, ...] = ("messages",)):
+    """Yield (row number, dict) from a .jsonl or .parquet file (a parquet file must have `columns`)."""
     if not path.is_file():
         raise FileNotFoundError(f"chat data {path} not found")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        missing = {"messages"} - set(table.column_names)
+        missing = set(columns) - set(table.column_names)
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {table.column_names}")
         for i, row in enumerate(table.to_pylist()):
@@ -113,7 +113,7 @@ def read_chat(path: str | os.PathLike, limit: int | None = None) -> list[ChatExa
     """The first user turn and its assistant answer of each row (up to `limit` rows)."""
     path = Path(path)
     examples: list[ChatExample] = []
-    for line, row in _read_rows(path):
+    for line, row in read_rows(path):
         if limit is not None and len(examples) >= limit:
             break
         where = f"{path}:{line}" if path.suffix != ".parquet" else f"{path} row {line}"

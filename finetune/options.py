@@ -15,6 +15,8 @@ class FinetuneOptions(CommonOptions):
     data: Path = opt(help="UltraChat-format .jsonl or .parquet")
     out: Path = opt(help="output directory (config.yaml, metrics.jsonl, the models)")
     tokenizer: Path | None = opt(None, "sentencepiece .model; overrides CKPT/tokenizer.model")
+    activation_checkpointing: bool = opt(False, "recompute each block in backward: less activation memory, "
+                                               "about a third more compute")
     grad_clip: float = opt(1.0, "global grad-norm clip; 0 disables", minimum=0)
     max_skipped_steps: int = opt(10, "stop after this many non-finite steps in a row", minimum=1)
     wandb_project: str | None = opt(None, "also log to this W&B project (offline by default)")

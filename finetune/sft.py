@@ -78,7 +78,7 @@ def n_targets(row) -> int:
 
 
 def run(args: SFTOptions) -> Path:
-    fabric = setup_fabric(args, seed=args.seed)
+    fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
     model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels)
     max_len = args.max_seq_len or model.config.block_size
     if max_len > model.config.block_size:

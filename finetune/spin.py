@@ -2,24 +2,30 @@
 
     python finetune/spin.py --ckpt SFT_DIR/final --data CHAT/train.jsonl --out SPIN_DIR \
         [--iterations 4] [--num-prompts 50000] [--max-new-tokens 256] ...
+    python finetune/spin.py --ckpt SFT_DIR/final --pairs SPIN_iter0/train.parquet --out SPIN_DIR ...
     fabric run finetune/spin.py ...   (several GPUs: generation/reference log-probs per rank, FSDP2 training)
 
 Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
-  1. generate   θt answers the first N prompts ("generated"), batched KV-cache decoding
+  1. generate   θt answers N prompts ("generated"; a random sample seeded by --seed), batched
+                KV-cache decoding; with --pairs, iteration 0 takes the file's answers instead
   2. pairs      (prompt, real answer, generated answer); pairs whose generation equals the real
-                answer or is empty are dropped and counted
+                answer or has no token are dropped and counted (an answer that is EOS alone is kept)
   3. ref logps  log πθt(real|x), log πθt(generated|x) computed once and stored, so no second
                 model is in memory while training; training data = this iteration's pairs +
                 the previous iteration's (from t = 1 on, as the paper)
   4. train      θ from θt with spin_loss (DPO sigmoid loss, chosen = real, rejected = generated,
                 reference = θt); RMSprop, no weight decay, linear warmup 10% then linear decay
-  5. save       θt+1 -> SPIN_DIR/iter{t+1}, then state.json records the iteration as complete
+                over --schedule-epochs; training stops after --epochs (or --max-steps)
+  5. save       θt+1 -> SPIN_DIR/iter{t+1} (the epochs before the last: iter{t+1}/epoch{k}), then
+                state.json records the iteration as complete
 
 Output layout:
-    SPIN_DIR/state.json                         {"completed_iterations": k}; written last per iteration
+    SPIN_DIR/state.json                         {"completed_iterations": k, "global_step": s}; written last
+                                                per iteration
     SPIN_DIR/config.yaml                        resolved options and backends (--run-config resumes from it)
     SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
-    SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration"
+    SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration";
+                                                one step counts on across iterations and restarts
     SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
     SPIN_DIR/work/iter{t}/generations.rank{r}.jsonl   incremental, keyed by prompt "index"
     SPIN_DIR/work/iter{t}/generations.jsonl     all ranks merged in prompt order (stage 1 done)
@@ -41,6 +47,7 @@ of θt, which is fine up to a few billion parameters per GPU; training is sharde
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +56,11 @@ import torch
 from tqdm import tqdm
 
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
-from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
+from finetune.chat import IGNORE_INDEX, ChatEncoder, TruncationStats, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.options import FinetuneOptions
-from finetune.generate import generate_to_file, merge_generation_files, rank_slice
+from finetune.spin_data import read_pairs, reindex, sample_rows
+from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_rows
 from finetune.losses import sequence_logps, spin_loss
 from model.atomic import write_json, write_jsonl, write_torch
 from pretrain.checkpoint import load_model_from_any
@@ -67,25 +75,35 @@ __all__ = ["spin_loss", "main"]
 STATE_FILE = "state.json"
 RUN_ARGS_FILE = "run_args.json"
 # Flags that change what the stored stages contain: a resumed run must use the same values.
-STAGE_FLAGS = ("ckpt", "data", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
-               "temperature", "top_p", "seed", "beta", "no_previous_pairs")
+# β is not one: no stored stage depends on it, so a resumed run may change it for iterations not yet trained.
+STAGE_FLAGS = ("ckpt", "data", "pairs", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
+               "temperature", "top_p", "seed", "no_previous_pairs")
 
 
 @dataclass(kw_only=True)
 class SpinOptions(FinetuneOptions):
     """Every option of finetune/spin.py (the shared ones: finetune/options.py, pretrain/engine.py)."""
 
+    data: Path | None = opt(None, "UltraChat-format .jsonl or .parquet (not needed with --pairs)")
+    pairs: Path | None = opt(None, "train iteration 0 on these pairs instead of generating: SPIN's released "
+                                   "data layout (UCLA-AGI/SPIN_iter0), rows {real, generated} of messages; "
+                                   ".jsonl or .parquet; later iterations answer the same prompts")
     iterations: int = opt(4, "SPIN iterations", minimum=1)
-    num_prompts: int = opt(50000, "first N rows of --data", minimum=1)
+    num_prompts: int = opt(50000, "a random sample of N rows of --data/--pairs, seeded by --seed", minimum=1)
     # generation
-    max_new_tokens: int = opt(256, "tokens generated per answer", minimum=1)
-    max_prompt_len: int = opt(512, "prompts keep their last tokens", minimum=1)
-    max_len: int = opt(1024, "prompt + answer tokens in training", minimum=2)
+    # The three lengths default to the paper's 256/512/1024, cut to fit the model's context (fit_lengths).
+    max_new_tokens: int | None = opt(None, "tokens generated per answer (default: 256, or what the context "
+                                           "leaves after --max-prompt-len)", minimum=1)
+    max_prompt_len: int | None = opt(None, "prompts keep their last tokens (default: 512, at most half of "
+                                           "--max-len)", minimum=1)
+    max_len: int | None = opt(None, "prompt + answer tokens in training (default: 1024, at most the model's "
+                                    "context)", minimum=2)
     gen_batch_size: int = opt(16, "prompts per generation batch", minimum=1)
-    temperature: float = opt(1.0, "0 = greedy", minimum=0)
+    temperature: float = opt(1.0, "0 = greedy, the paper's setting (docs/spin.md: Generation settings)", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
     # training
-    beta: float = opt(0.1, "SPIN/DPO temperature β")
+    beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
+                           "comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
     lr: float = opt(5e-7, "learning rate of the first iterations", minimum=0)
     lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
     lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
@@ -93,8 +111,13 @@ class SpinOptions(FinetuneOptions):
     warmup_ratio: float = opt(0.1, "linear warmup over this share of each iteration's steps", minimum=0)
     optimizer: str = opt("rmsprop", "the paper uses RMSprop", choices=["rmsprop", "adamw"])
     weight_decay: float = opt(0.0, "weight decay of the matrices", minimum=0)
-    epochs: int = opt(3, "epochs per iteration", minimum=1)
-    max_steps: int | None = opt(None, "cap on optimizer steps per iteration")
+    # The reference decays the lr over 6 epochs and stops after 2 (its model cards): the decay's
+    # length and the stopping point are two flags.
+    schedule_epochs: int = opt(6, "the warmup and decay span this many epochs of each iteration", minimum=1)
+    epochs: int = opt(2, "training stops after this many epochs of each iteration (<= --schedule-epochs); "
+                         "the epochs before the last are saved as SPIN_DIR/iter{t+1}/epoch{k}", minimum=1)
+    max_steps: int | None = opt(None, "stop each iteration after this many optimizer steps (the schedule "
+                                      "keeps its length)")
     global_batch_size: int = opt(64, "pairs per optimizer step, all ranks", minimum=1)
     micro_batch_size: int = opt(8, "pairs per forward (2x rows)", minimum=1)
     no_previous_pairs: bool = opt(False, "train on this iteration's pairs only (the paper also keeps the "
@@ -103,13 +126,60 @@ class SpinOptions(FinetuneOptions):
     no_progress: bool = opt(False, "no progress bars")
 
     def problems(self) -> list[str]:
-        return [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+        problems = [f"--top-p must be in (0, 1], got {self.top_p}"] if not 0 < self.top_p <= 1 else []
+        if (self.data is None) == (self.pairs is None):
+            problems.append("give --data (prompts and real answers; θ0 generates) or --pairs (given pairs), "
+                            "not both" if self.data is not None else "one of --data or --pairs is required")
+        try:
+            betas = self.betas()
+        except ValueError:
+            return problems + [f"--beta must be numbers separated by commas, got {self.beta!r}"]
+        if self.max_prompt_len is not None and self.max_len is not None and self.max_prompt_len >= self.max_len:
+            problems.append(f"--max-prompt-len {self.max_prompt_len} must be below --max-len {self.max_len}: "
+                            f"a training row needs room for the answer after the prompt")
+        if self.epochs > self.schedule_epochs:
+            problems.append(f"--epochs {self.epochs} is beyond --schedule-epochs {self.schedule_epochs}: the "
+                            f"learning rate would be 0 after the decay; raise --schedule-epochs")
+        if len(betas) not in (1, self.iterations):
+            problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
+                            f"(every iteration) or one per iteration")
+        if any(b <= 0 for b in betas):
+            problems.append(f"--beta must be positive, got {self.beta}")
+        return problems
+
+    def betas(self) -> list[float]:
+        return [float(v) for v in str(self.beta).split(",")]
+
+    def beta_at(self, t: int) -> float:
+        """β of iteration t (0-based)."""
+        betas = self.betas()
+        return betas[t] if len(betas) > 1 else betas[0]
 
 
 def parse_args(argv=None) -> SpinOptions:
     return parse_options(SpinOptions, argv, description=__doc__.split("\n\n")[0],
                          epilog="Every run writes its resolved options to OUT/config.yaml; re-running the same "
                                 "command (or `python finetune/spin.py --run-config OUT/config.yaml`) resumes it.")
+
+
+def fit_lengths(args: SpinOptions, context: int) -> None:
+    """Fill in the lengths not given: the paper's 1024/512/256, cut to the model's context
+    (a 128-token model gets 128/64/64), then check them against it. Writes into `args`, so
+    config.yaml and run_args.json hold the lengths the run used."""
+    if args.max_len is None:
+        args.max_len = min(1024, context)
+    if args.max_prompt_len is None:
+        args.max_prompt_len = min(512, args.max_len // 2)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(1, min(256, context - args.max_prompt_len))
+    if args.max_prompt_len >= args.max_len:
+        raise ValueError(f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len}: "
+                         f"a training row needs room for the answer after the prompt")
+    if args.max_prompt_len + args.max_new_tokens > context:
+        raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's context ({context})")
+    if args.max_len > context:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's context ({context})")
 
 
 # ---- small file helpers --------------------------------------------------------------------
@@ -133,22 +203,25 @@ def read_state(out: Path) -> dict:
 class SpinRun:
     def __init__(self, args: SpinOptions):
         self.args = args
-        self.fabric = setup_fabric(args, seed=args.seed)
+        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels)
         self.config = model.config
         del model
-        if args.max_prompt_len + args.max_new_tokens > self.config.block_size:
-            raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-new-tokens {args.max_new_tokens} "
-                             f"exceeds the model's context ({self.config.block_size})")
-        if args.max_len > self.config.block_size:
-            raise ValueError(f"--max-len {args.max_len} exceeds the model's context ({self.config.block_size})")
+        fit_lengths(args, self.config.block_size)
         self.encoder = ChatEncoder(self.tok, self.template)
-        self.examples = read_chat(args.data, limit=args.num_prompts)
+        # Given answers (--pairs) stand in for θ0's generations; both sources are sampled alike.
+        if args.pairs is not None:
+            examples, given = read_pairs(args.pairs)
+        else:
+            examples, given = read_chat(args.data), None
+        rows = sample_rows(len(examples), args.num_prompts, args.seed)
+        self.examples = reindex(examples, rows)
+        self.given = None if given is None else [self.encoder.response_ids(given[r]) for r in rows]
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
-        self.logger = MetricsLogger(args.out, enabled=self.rank == 0, wandb_project=args.wandb_project,
-                                    wandb_mode=args.wandb_mode, run_config=as_dict(args) | {"stage": "spin"})
+        self.prompts_truncated = self.encoder.stats.prompts_truncated
+        self.logger: MetricsLogger | None = None  # opened by run(), after restore_metrics_step
         self.peak_flops = peak_flops_per_second(self.fabric.device)
         self.global_step = 0
         # Generation/reference run in the training precision's compute dtype (bf16 on GPUs by default).
@@ -184,6 +257,31 @@ class SpinRun:
             model = model.to(self.gen_dtype)
         return model.to(self.fabric.device).eval()
 
+    def restore_metrics_step(self, state: dict, done: int) -> None:
+        """Continue the one metrics step where the completed iterations left it, and drop the rows
+        an interrupted training stage wrote (its iteration is re-trained from θt, and logs again).
+
+        Rows of iteration `done` at or before that step (generation, pairs: stages that stay
+        done) are kept, so metrics.jsonl has no duplicates and its steps never go backwards.
+        """
+        path = self.args.out / "metrics.jsonl"
+        # Only rank 0 logs, so only it reads (and mends a torn last line of) the file.
+        rows = read_jsonl_rows(path) if self.rank == 0 else []
+        if "global_step" in state:
+            self.global_step = int(state["global_step"])
+        else:  # a state.json from before the step was recorded
+            self.global_step = max((r["step"] for r in rows if r.get("iteration", 0) < done), default=0)
+        kept = [r for r in rows if r.get("iteration", 0) < done or r["step"] <= self.global_step]
+        if len(kept) != len(rows):
+            write_jsonl(path, kept)
+            self.fabric.print(f"{path}: dropped {len(rows) - len(kept)} row(s) of the interrupted iteration {done}")
+        self.fabric.barrier()
+        self.logger = self.new_logger()
+
+    def new_logger(self) -> MetricsLogger:
+        return MetricsLogger(self.args.out, enabled=self.rank == 0, wandb_project=self.args.wandb_project,
+                             wandb_mode=self.args.wandb_mode, run_config=as_dict(self.args) | {"stage": "spin"})
+
     def log(self, t: int, metrics: dict) -> None:
         self.logger.log({"iteration": t, **metrics}, step=self.global_step)
 
@@ -194,6 +292,14 @@ class SpinRun:
         if final.is_file():
             return
         work.mkdir(parents=True, exist_ok=True)
+        if t == 0 and self.given is not None:
+            # --pairs: the file's answers are iteration 0's generations (ids as training will see them).
+            if self.rank == 0:
+                write_jsonl(final, [{"index": i, "generated_ids": ids, "stopped": True, "given": True}
+                                    for i, ids in enumerate(self.given)])
+                self.fabric.print(f"iter0: {len(self.given)} generated answers from {self.args.pairs}")
+            self.fabric.barrier()
+            return
         mine = rank_slice(len(self.prompts), self.rank, self.world)
         stats = generate_to_file(
             model(), [(i, self.prompts[i]) for i in mine], work / f"generations.rank{self.rank}.jsonl",
@@ -221,20 +327,27 @@ class SpinRun:
             return
         if self.rank == 0:
             generations = {row["index"]: row for row in _read_jsonl(work / "generations.jsonl")}
-            pairs, identical, empty = [], 0, 0
+            # Counted afresh per iteration (prompt truncations were counted once, when the prompts were
+            # encoded): pairs_stats.json is the same whether or not the run was resumed.
+            self.encoder.stats = TruncationStats(prompts_truncated=self.prompts_truncated)
+            pairs, identical, empty, eos_only = [], 0, 0, 0
+            max_length = sum(1 for row in generations.values() if not row.get("stopped", False))
             for ex, prompt in zip(self.examples, self.prompts):
                 gen = generations[ex.index]["generated_ids"]
                 real = self.encoder.fit_response(prompt, self.encoder.response_ids(ex.response), self.args.max_len)
                 generated = self.encoder.fit_response(prompt, list(gen), self.args.max_len)
-                if not [i for i in generated if i != self.tok.eos_id]:
-                    empty += 1  # an empty answer teaches nothing and dilutes the batch
+                if not generated:
+                    empty += 1  # nothing to score
                     continue
                 if generated == real:
                     identical += 1  # equal answers give a zero loss gradient
                     continue
+                # An answer that is EOS alone is kept: the model must learn not to stop at once.
+                eos_only += generated == [self.tok.eos_id]
                 pairs.append({"index": ex.index, "prompt_id": ex.prompt_id, "prompt_ids": prompt,
                               "real_ids": real, "generated_ids": generated})
             stats = {"pairs": len(pairs), "dropped_identical": identical, "dropped_empty": empty,
+                     "eos_only_answers": eos_only, "generations_at_max_new_tokens": max_length,
                      "prompts": len(self.examples), **self.encoder.stats.as_dict()}
             write_json(work / "pairs_stats.json", stats)
             write_jsonl(work / "pairs.jsonl", pairs)  # last: its existence marks the stage done
@@ -253,7 +366,7 @@ class SpinRun:
             pairs += previous
         if not pairs:
             raise ValueError(f"{self.work_dir(t) / 'pairs.jsonl'}: no pairs to train on (all generations were "
-                             f"empty or equal to the real answers); see pairs_stats.json")
+                             f"equal to the real answers); see pairs_stats.json")
         return pairs
 
     # 3. reference log-probs -----------------------------------------------------------------
@@ -310,14 +423,15 @@ class SpinRun:
         ref_real = torch.tensor([float(ref["real"][where[(p["source_iteration"], p["index"])]]) for p in pairs])
         ref_gen = torch.tensor([float(ref["generated"][where[(p["source_iteration"], p["index"])]]) for p in pairs])
         peak_lr = args.lr if t < args.lr_drop_iteration else args.lr_later
+        beta = args.beta_at(t)
         batch = min(args.global_batch_size, len(pairs) // (args.micro_batch_size * self.world)
                     * args.micro_batch_size * self.world) or args.global_batch_size
         if batch != args.global_batch_size:
             fabric.print(f"iter{t}: only {len(pairs)} pairs, global batch lowered to {batch}")
         check_batch_sizes(batch, args.micro_batch_size, self.world)
-        total = len(epoch_batches(len(pairs), batch, args.seed + t, 0)) * args.epochs
-        if args.max_steps:
-            total = min(total, args.max_steps)
+        per_epoch = len(epoch_batches(len(pairs), batch, args.seed + t, 0))
+        schedule_total = per_epoch * args.schedule_epochs  # the lr schedule's length...
+        total = min(per_epoch * args.epochs, args.max_steps or per_epoch * args.epochs)  # ...and where we stop
 
         model = shard_model(fabric, load_model_from_any(self.model_dir(t), kernels=args.kernels))
         optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
@@ -329,22 +443,22 @@ class SpinRun:
         engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
                         stop_hint=f"Stopping; iteration {t} restarts from θ{t} when re-run (lower --lr).")
         meter = Throughput(fabric.device)
-        warmup = warmup_steps_from_ratio(args.warmup_ratio, total)
+        warmup = warmup_steps_from_ratio(args.warmup_ratio, schedule_total)
         model.train()
-        step = 0
+        step, saved = 0, []
         bar = tqdm(total=total, desc=f"iter{t} train", disable=args.no_progress or self.rank != 0)
         for epoch in range(args.epochs):
             for global_batch in epoch_batches(len(pairs), batch, args.seed + t, epoch):
                 if step >= total:
                     break
-                lr = lr_at(step, peak_lr, 0.0, warmup, total, args.lr_schedule)
+                lr = lr_at(step, peak_lr, 0.0, warmup, schedule_total, args.lr_schedule)
 
                 def loss_fn(micro):
                     chunk = [pairs[i] for i in micro]
                     real, gen = self.policy_logps(model, chunk)
                     idx = torch.tensor(micro)
                     loss, m = spin_loss(real, gen, ref_real[idx].to(real.device), ref_gen[idx].to(real.device),
-                                        args.beta)
+                                        beta)
                     rows = 2 * len(chunk)
                     meter.add(rows * self.padded_len(chunk) * self.world, rows * self.world)
                     # micro-batch mean -> share of the global-batch mean (x world: FSDP averages over ranks)
@@ -356,7 +470,7 @@ class SpinRun:
                 self.global_step += 1
                 rate = meter.read()
                 metrics = {k: v / batch for k, v in result.sums.items()}
-                metrics.update(lr=lr, epoch=epoch, grad_norm=result.grad_norm,
+                metrics.update(lr=lr, beta=beta, epoch=epoch, grad_norm=result.grad_norm,
                                pairs_per_s=rate["tokens_per_sec"] / max(rate["mean_seq_len"], 1) / 2,
                                tokens_per_sec=rate["tokens_per_sec"],
                                **mfu_metrics(self.config, rate["mean_seq_len"], rate["tokens_per_sec"], self.world,
@@ -365,8 +479,18 @@ class SpinRun:
                 self.log(t, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if step == (epoch + 1) * per_epoch and step < total:
+                # A completed epoch that is not the last: staged in work/ and moved into iter{t+1}/
+                # once that exists (its atomic save replaces the whole directory).
+                with meter.paused():
+                    save_finetuned(fabric, model, self.work_dir(t) / f"epoch{epoch + 1}", self.tok, self.template)
+                saved.append(epoch + 1)
         bar.close()
-        save_finetuned(fabric, model, self.model_dir(t + 1), self.tok, self.template)
+        final = save_finetuned(fabric, model, self.model_dir(t + 1), self.tok, self.template)
+        if self.rank == 0:
+            for k in saved:
+                os.replace(self.work_dir(t) / f"epoch{k}", final / f"epoch{k}")
+        fabric.barrier()
 
     # the loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -385,6 +509,7 @@ class SpinRun:
         if done:
             self.fabric.print(f"resuming after {done} completed iteration(s)")
         self.first_iteration = done
+        self.restore_metrics_step(state, done)
         for t in range(done, args.iterations):
             cached = {}
 
@@ -401,7 +526,7 @@ class SpinRun:
             cached.clear()  # free θt before the policy is built: one model in memory while training
             self.train(t, pairs)
             if self.rank == 0:
-                write_json(args.out / STATE_FILE, {"completed_iterations": t + 1})
+                write_json(args.out / STATE_FILE, {"completed_iterations": t + 1, "global_step": self.global_step})
                 self.log(t, {"iteration_done": t + 1})
             self.fabric.barrier()
             self.fabric.print(f"saved {self.model_dir(t + 1)}")

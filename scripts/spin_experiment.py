@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     cli("spin.py", "--ckpt", sft / "final", "--data", args.out / "train.jsonl", "--out", spin,
         "--iterations", args.iterations, "--num-prompts", args.spin_prompts, "--max-new-tokens", 16,
         "--max-prompt-len", 32, "--max-len", 64, "--gen-batch-size", 64, "--temperature", args.temperature,
-        "--epochs", args.spin_epochs, "--lr", args.spin_lr, "--lr-later", args.spin_lr,
+        "--epochs", args.spin_epochs, "--schedule-epochs", args.spin_epochs, "--lr", args.spin_lr, "--lr-later", args.spin_lr,
         "--optimizer", "rmsprop", "--beta", args.spin_beta, "--global-batch-size", 32,
         "--micro-batch-size", 16, "--kernels", "torch", "--no-progress")
 

@@ -64,11 +64,11 @@ def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_fi
          "--iterations", 1, "--num-prompts", 16, "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48,
          "--gen-batch-size", 4, "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4,
          "--no-progress"])
-    assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 1}
     assert (out / "iter1" / "model.safetensors").is_file()
     assert (out / "work" / "iter0" / "generations.rank1.jsonl").is_file()  # rank 1 generated its share
     train = [m for m in metrics(out) if "rewards/accuracies" in m]
     assert train and all(m["iteration"] == 0 for m in train)
+    assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 1, "global_step": len(train)}
 
 
 # ---- defect 10: --compile on CPU, graph breaks reported; config.yaml and --run-config --------

@@ -99,6 +99,8 @@ BAD_FLAGS = {
     ("spin.py", "prompt + new tokens beyond the context"): (
         ["--max-prompt-len", 100, "--max-new-tokens", 40],
         "--max-prompt-len 100 + --max-new-tokens 40 exceeds the model's context (128)"),
+    ("spin.py", "max-prompt-len not below max-len (defaulted)"): (
+        ["--max-prompt-len", 128], "--max-prompt-len 128 must be below --max-len 128"),
 }
 
 
@@ -143,17 +145,64 @@ def test_spin_corrupt_state_json(ckpts, chat, tmp_path):
     assert not (out / "work").exists() and not (out / "iter1").exists()
 
 
-def test_spin_with_no_pairs_to_train_on(ckpts, chat, tmp_path):
-    # Every generated answer is EOS alone (empty), so every pair is dropped.
+def test_spin_with_no_pairs_to_train_on(ckpts, tmp_path):
+    # The real answers are empty (EOS alone) and every generated answer is EOS alone too:
+    # every pair is identical and dropped.
+    chat = tmp_path / "empty_answers.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"name {i}"},
+                                                     {"role": "assistant", "content": ""}]}) + "\n"
+                            for i in range(16)))
     out = tmp_path / "spin"
     result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *SPIN_SMALL)
     assert_refused(result, f"{out / 'work' / 'iter0' / 'pairs.jsonl'}: no pairs to train on",
                    "see pairs_stats.json")
     stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
-    assert stats["pairs"] == 0 and stats["dropped_empty"] == 16
+    assert stats["pairs"] == 0 and stats["dropped_identical"] == 16 and stats["dropped_empty"] == 0
     assert not (out / "state.json").exists() and not (out / "iter1").exists()
     assert not (out / "work" / "iter0" / "ref_logps.pt").exists()
     assert [p.name for p in out.rglob(".*")] == []
+
+
+def test_spin_keeps_eos_only_answers_and_counts_per_iteration(ckpts, tmp_path):
+    """Answers that are EOS alone are valid rejected answers; pairs_stats.json counts each
+    iteration on its own (the real answers are cut to --max-len in both iterations: 16 each)."""
+    chat = tmp_path / "long_answers.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"name {i}"},
+                                                     {"role": "assistant", "content": "it is " * 40}]}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "spin"
+    flags = [a if a != 1 else 2 for a in SPIN_SMALL]  # --iterations 2 --epochs 2
+    result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for t in (0, 1):
+        stats = json.loads((out / "work" / f"iter{t}" / "pairs_stats.json").read_text())
+        assert stats["pairs"] == 16 and stats["eos_only_answers"] == 16 and stats["dropped_empty"] == 0, stats
+        assert stats["responses_truncated"] == 16 and stats["generations_at_max_new_tokens"] == 0, stats
+
+
+def test_spin_default_lengths_fit_a_small_context(ckpts, chat, tmp_path):
+    """No length flags on a 128-token model: the defaults are fitted to its context (the
+    paper's 512 + 256 would not fit) and the fitted values are on record."""
+    out = tmp_path / "spin"
+    flags = [a for a in SPIN_SMALL]
+    for name in ("--max-new-tokens", "--max-prompt-len", "--max-len"):
+        i = flags.index(name)
+        del flags[i:i + 2]
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags, "--temperature", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((out / "run_args.json").read_text())
+    assert (recorded["max_prompt_len"], recorded["max_new_tokens"], recorded["max_len"]) == ("64", "64", "128")
+
+
+def test_spin_counts_generations_that_reach_max_new_tokens(ckpts, chat, tmp_path):
+    out = tmp_path / "spin"
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *SPIN_SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "work" / "iter0" / "generations.jsonl").read_text().splitlines()]
+    unstopped = sum(not r["stopped"] for r in rows)
+    assert unstopped == sum(len(r["generated_ids"]) == 4 and r["generated_ids"][-1] != 2 for r in rows) > 0
+    stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
+    assert stats["generations_at_max_new_tokens"] == unstopped
 
 
 def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
@@ -163,3 +212,29 @@ def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
     assert_refused(result, "--global-batch-size 10 must be a multiple of --micro-batch-size 4 x 1 device(s)")
     assert not (out / "state.json").exists() and not (out / "iter1").exists()
     assert [p.name for p in out.rglob(".*")] == []
+
+
+def test_spin_trains_on_given_pairs_without_data(ckpts, tmp_path):
+    """--pairs in SPIN's released layout: iteration 0 trains on the file's answers (nothing is
+    generated), --data is not needed, and --num-prompts samples rows at random."""
+    from finetune.tokenizer import load_tokenizer
+
+    rows = [{"real": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"it is {i}"}],
+             "generated": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"no {i}"}]}
+            for i in range(24)]
+    pairs = tmp_path / "SPIN_iter0.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "spin"
+    result = run("spin.py", "--ckpt", ckpts["ok"], "--pairs", pairs, "--out", out, *SPIN_SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tok = load_tokenizer(ckpts["ok"])
+    kept = [json.loads(l) for l in (out / "work" / "iter0" / "pairs.jsonl").read_text().splitlines()]
+    assert len(kept) == 16
+    row_numbers = [int(p["prompt_id"]) for p in kept]  # no prompt_id in the file: its line number
+    assert row_numbers == sorted(row_numbers) and row_numbers != list(range(1, 17))
+    for p in kept:
+        i = row_numbers[kept.index(p)] - 1
+        assert p["generated_ids"] == tok.encode(f"no {i}") + [tok.eos_id]
+        assert p["real_ids"] == tok.encode(f"it is {i}") + [tok.eos_id]
+    assert (out / "iter1" / "model.safetensors").is_file()
+    assert not (out / "work" / "iter0" / "generations.rank0.jsonl").exists()  # nothing was generated
