@@ -202,17 +202,22 @@ def generate_to_file(model, items: list[tuple[int, list[int]]], path: str | os.P
     start = time.perf_counter()
     with path.open("a", encoding="utf-8") as f:
         for batch in batches:
-            batch = [it for it in batch if it[0] not in done]
-            if not batch:
+            todo_rows = [it for it in batch if it[0] not in done]
+            if not todo_rows:
                 continue
             gen = None
             if temperature > 0:
                 gen = torch.Generator(device=device)
                 gen.manual_seed((seed * 1_000_003 + batch[0][0]) % (2 ** 63))
+            # A batch cut off part-way (a kill during its write) is generated again whole, with
+            # the same seed and the same rows beside each other, so its missing rows are those
+            # an uninterrupted run wrote; only they are appended.
             outs = generate_batch(model, [p for _, p in batch], max_new_tokens, eos_id, pad_id,
                                   temperature=temperature, top_p=top_p, generator=gen)
             lines = []
             for (index, _), ids in zip(batch, outs):
+                if index in done:
+                    continue
                 row = {"index": index, "generated_ids": ids, "stopped": bool(ids) and ids[-1] == eos_id}
                 if decode is not None:
                     row["text"] = decode(ids)
@@ -221,10 +226,10 @@ def generate_to_file(model, items: list[tuple[int, list[int]]], path: str | os.P
             f.write("".join(lines))  # one write per batch, then flush: a crash loses at most this batch
             f.flush()
             os.fsync(f.fileno())
-            stats["new_rows"] += len(batch)
+            stats["new_rows"] += len(todo_rows)
             stats["seconds"] = time.perf_counter() - start
             stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
-            bar.update(len(batch))
+            bar.update(len(todo_rows))
             bar.set_postfix(tok_s=f"{stats['tokens_per_s']:.0f}")
     bar.close()
     return stats
