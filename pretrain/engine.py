@@ -53,8 +53,9 @@ class CommonOptions:
     precision: str | None = opt(None, "default: bf16-mixed on CUDA, 32-true on CPU", choices=PRECISIONS)
     reduce_dtype: str = opt("fp32", "dtype of the gradient reduce-scatter under bf16-mixed (TinyLlama: bf16)",
                             choices=sorted(REDUCE_DTYPES))
-    sharding: str = opt("fsdp", "fsdp: shard over all ranks; hsdp: shard within --shard-size ranks (default: a "
-                                "node), replicate across; ddp: replicate everywhere (docs/pretrain.md)",
+    sharding: str = opt("hsdp", "hsdp: shard within --shard-size ranks (default: a node), replicate across "
+                                "nodes; fsdp: shard over all ranks; ddp: replicate everywhere "
+                                "(docs/pretrain.md, Sharding)",
                         choices=SHARDINGS)
     shard_size: int | None = opt(None, "ranks per shard group with --sharding hsdp (default: processes per node)",
                                  minimum=1)

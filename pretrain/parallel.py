@@ -123,7 +123,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     fsdp, a (replicate, shard) mesh for hsdp and ddp.
     """
 
-    def __init__(self, parallelize_fn, sharding: str = "fsdp", shard_size: int | None = None, **kwargs):
+    def __init__(self, parallelize_fn, sharding: str = "hsdp", shard_size: int | None = None, **kwargs):
         super().__init__(parallelize_fn=lambda model, _mesh: parallelize_fn(model, self.dp_mesh), **kwargs)
         self.sharding, self.shard_size = sharding, shard_size
         self.dp_mesh = None
@@ -143,7 +143,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None, reduce_dtype="fp32",
-                 activation_checkpointing=False, compile=False, sharding="fsdp",
+                 activation_checkpointing=False, compile=False, sharding="hsdp",
                  shard_size: int | None = None) -> L.Fabric:
     """A Fabric whose strategy shards models with FSDP2 (see `parallelize`).
 

@@ -95,8 +95,8 @@ def test_run_config_restarts_the_same_run(shards, tmp_path):
     assert "backends: attention sdpa, kernels torch" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["options"]["seed"] == 3 and saved["options"]["data"] == [f"{shards}:1"]
-    assert saved["resolved"]["sharding"].startswith("fsdp (FSDP2, shard 1) over 1 rank(s)")
-    assert saved["options"]["sharding"] == "fsdp" and saved["options"]["shard_size"] is None
+    assert saved["resolved"]["sharding"].startswith("hsdp (FSDP2, replicate 1 x shard 1) over 1 rank(s)")
+    assert saved["options"]["sharding"] == "hsdp" and saved["options"]["shard_size"] is None
     assert saved["resolved"]["kernels"] == "torch" and saved["resolved"]["attention"] == "sdpa"
     # The file alone restarts it; a flag beside it overrides the file.
     run([sys.executable, REPO / "pretrain" / "tinyllama.py", "--run-config", out / "config.yaml",

@@ -7,6 +7,7 @@ only); the modes and world sizes differ only in float summation order, so losses
 """
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def args_for(data: Path, out: Path, *extra) -> list[str]:
 
 def on(devices: int) -> list[str] | None:
     """The launcher for `devices` CPU processes on one node (None: a plain `python` process)."""
-    return None if devices == 1 else [FABRIC, "run", "--accelerator", "cpu", "--devices", str(devices)]
+    # A free port each time: other test runs on the machine may hold the default 29500.
+    return None if devices == 1 else [FABRIC, "run", "--accelerator", "cpu", "--devices", str(devices),
+                                      "--main-port", str(free_port())]
 
 
 def assert_same_losses(expected: dict[int, float], got: dict[int, float], steps) -> None:
@@ -100,18 +103,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_two_node_commands() -> list[list[str]]:
+    """The two `fabric run --num-nodes 2` commands of the README, as argument lists."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line) for line in text.splitlines()
+                if line.startswith("fabric run --accelerator cpu --devices 1 --num-nodes 2")]
+    assert len(commands) == 2, "README.md should show the two launchers of the one-machine 2-node run"
+    return commands
+
+
 def test_two_node_launch_equals_one_node_with_two_processes(runs, data, tmp_path):
-    """Two `fabric run` launchers on this machine, node ranks 0 and 1, one process each, as the
-    README's multi-node command (with --accelerator cpu and the loopback address)."""
+    """The README's two `fabric run` launchers (node ranks 0 and 1, one process each, loopback
+    address), with a free port and this test's tiny run, against the 1-node 2-process run."""
     out = tmp_path / "two-nodes"
     port = str(free_port())
     procs = []
-    for node_rank in (0, 1):
-        cmd = [FABRIC, "run", "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2",
-               "--node-rank", str(node_rank), "--main-address", "127.0.0.1", "--main-port", port,
-               str(REPO / "pretrain" / "tinyllama.py"), *args_for(data, out, "--sharding", "hsdp")]
+    for node_rank, command in enumerate(readme_two_node_commands()):
+        assert command[command.index("--node-rank") + 1] == str(node_rank)
+        command[command.index("--main-port") + 1] = port
+        script = command.index("pretrain/tinyllama.py")
+        cmd = [FABRIC, *command[1:script], str(REPO / command[script]), *command[script + 1:],
+               *args_for(data, out)]  # later flags override the README's placeholders (DATA, runs/)
         procs.append(subprocess.Popen(cmd, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+                                      text=True, cwd=tmp_path))
     outputs = []
     try:
         for proc in procs:
@@ -123,7 +137,7 @@ def test_two_node_launch_equals_one_node_with_two_processes(runs, data, tmp_path
                 proc.kill()
     for code, stdout, stderr in outputs:
         assert code == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
-    # --shard-size defaults to the processes per node: one node's worth (1), replicated over 2 nodes.
+    # The default --sharding hsdp shards within a node (here: 1 process) and replicates across the 2 nodes.
     assert "hsdp (FSDP2, replicate 2 x shard 1) over 2 rank(s)" in outputs[0][1]
     assert_same_losses(losses(runs["fsdp"]), losses(out), range(1, STEPS + 1))
 
