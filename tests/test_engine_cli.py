@@ -65,8 +65,11 @@ def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_fi
     run([*FABRIC, REPO / "finetune" / "spin.py", "--ckpt", tiny_ckpt, "--data", chat_file, "--out", out,
          "--iterations", 1, "--num-prompts", 16, "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48,
          "--gen-batch-size", 4, "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4,
-         "--no-progress"])
+         "--no-progress", "--sharding", "ddp"])
     assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 1}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["options"]["sharding"] == "ddp"
+    assert saved["resolved"]["sharding"].startswith("ddp (FSDP2, replicate 2 x shard 1) over 2 rank(s)")
     assert (out / "iter1" / "model.safetensors").is_file()
     assert (out / "work" / "iter0" / "generations.rank1.jsonl").is_file()  # rank 1 generated its share
     train = [m for m in metrics(out) if "rewards/accuracies" in m]
