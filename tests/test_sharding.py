@@ -157,3 +157,9 @@ def test_shard_size_without_hsdp_is_bad_input(data, tmp_path):
     assert "--shard-size applies to --sharding hsdp only (got --sharding fsdp)" in proc.stderr
     assert not (tmp_path / "out").exists()
 
+
+def test_a_shard_size_that_does_not_divide_the_world_is_an_error(data, tmp_path):
+    proc = run(args_for(data, tmp_path / "out", "--shard-size", "3"), tmp_path, launcher=on(2), check=False)
+    assert proc.returncode != 0
+    assert "error: --shard-size 3 must divide the world size 2 (given); pass a divisor of 2" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
