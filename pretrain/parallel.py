@@ -2,8 +2,18 @@
 
 pretrain/engine.py drives these; nothing else should need them.
 
-Every rank holds 1/W of each parameter (`fully_shard` per transformer block, then the
-root for embedding, final norm and lm_head). With `--precision bf16-mixed` the sharded
+`--sharding` picks the data-parallel mesh that `fully_shard` (per transformer block, then the
+root for embedding, final norm and lm_head) gets:
+
+    fsdp   1-D mesh of all W ranks: every rank holds 1/W of each parameter
+    hsdp   2-D mesh (replicate W/S x shard S): sharded within a group of S ranks (default: the
+           processes of a node), replicated across groups; gradients are reduce-scattered in
+           the group, then all-reduced across groups
+    ddp    2-D mesh (replicate W x shard 1): every rank holds everything; FSDP2's HSDP with
+           shard groups of one is plain data parallelism (one gradient all-reduce)
+
+All three give the same DTensor parameters to the checkpoint code, so a checkpoint loads
+in any mode and on any world size. With `--precision bf16-mixed` the sharded
 master weights and optimizer state stay fp32; FSDP2 all-gathers bf16 copies for compute
 and reduce-scatters gradients in `--reduce-dtype` (fp32 by default; TinyLlama reduced in
 bf16). There is no autocast: the kernels keep norms/softmax/CE in fp32 themselves. The same
@@ -23,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 PRECISIONS = ("bf16-mixed", "32-true")
+SHARDINGS = ("fsdp", "hsdp", "ddp")
 
 
 def default_precision(accelerator: str) -> str:
@@ -61,7 +72,8 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
                 compile: bool = False) -> nn.Module:
     """Apply activation checkpointing, torch.compile and FSDP2 to every block of `model.layers`, then the root.
 
-    `device_mesh` is Fabric's 2-D mesh (data_parallel x tensor_parallel) or a 1-D mesh.
+    `device_mesh` is the data-parallel mesh: 1-D (shard over all ranks) or 2-D (replicate x
+    shard, FSDP2's HSDP); Fabric's 2-D mesh (data_parallel x tensor_parallel) also works.
     Activation checkpointing and compile replace the block's `forward` in place instead of
     wrapping the module, so parameter names (and therefore checkpoints) do not change.
     """
@@ -83,22 +95,56 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
     return model
 
 
+def mesh_shape(sharding: str, world_size: int, processes_per_node: int, shard_size: int | None) -> tuple[int, int]:
+    """(replicate, shard) sizes of the data-parallel mesh for `--sharding`; ValueError naming the flag if impossible."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"--sharding {sharding!r} is not supported; choose one of {', '.join(SHARDINGS)}")
+    if shard_size is not None and sharding != "hsdp":
+        raise ValueError(f"--shard-size applies to --sharding hsdp only (got --sharding {sharding})")
+    if sharding == "fsdp":
+        return 1, world_size
+    if sharding == "ddp":
+        return world_size, 1
+    size = shard_size or processes_per_node
+    if size < 1 or world_size % size:
+        raise ValueError(f"--shard-size {size} must divide the world size {world_size} "
+                         f"({'given' if shard_size else 'default: the processes per node'}); "
+                         f"pass a divisor of {world_size} as --shard-size")
+    return world_size // size, size
+
+
 class FSDP2Strategy(ModelParallelStrategy):
-    """ModelParallelStrategy with all ranks in the data-parallel (sharding) dimension.
+    """ModelParallelStrategy with all ranks in the data-parallel dimension, meshed for `--sharding`.
 
     The parent's "auto" sizes put the processes of a node on the tensor-parallel axis;
-    pure FSDP wants data_parallel = world size and tensor_parallel = 1, which is only
-    known once the cluster environment is set up.
+    FSDP wants data_parallel = world size and tensor_parallel = 1, which is only known
+    once the cluster environment is set up. The parent's mesh stays as it is (Fabric reads
+    it); the model is sharded on `self.dp_mesh`: the parent's 1-D data-parallel mesh for
+    fsdp, a (replicate, shard) mesh for hsdp and ddp.
     """
+
+    def __init__(self, parallelize_fn, sharding: str = "hsdp", shard_size: int | None = None, **kwargs):
+        super().__init__(parallelize_fn=lambda model, _mesh: parallelize_fn(model, self.dp_mesh), **kwargs)
+        self.sharding, self.shard_size = sharding, shard_size
+        self.dp_mesh = None
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+        replicate, shard = mesh_shape(self.sharding, self.world_size, self.num_processes, self.shard_size)
+        if self.sharding == "fsdp":
+            self.dp_mesh = self.device_mesh["data_parallel"]
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.dp_mesh = init_device_mesh(self.root_device.type, (replicate, shard),
+                                            mesh_dim_names=("replicate", "shard"))
 
 
 def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None, reduce_dtype="fp32",
-                 activation_checkpointing=False, compile=False) -> L.Fabric:
+                 activation_checkpointing=False, compile=False, sharding="hsdp",
+                 shard_size: int | None = None) -> L.Fabric:
     """A Fabric whose strategy shards models with FSDP2 (see `parallelize`).
 
     `precision` None means bf16-mixed on CUDA, 32-true on CPU. The chosen value is
@@ -110,7 +156,8 @@ def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None
     param_dtype, reduce_torch_dtype = precision_dtypes(precision, reduce_dtype)
     parallelize_fn = functools.partial(parallelize, param_dtype=param_dtype, reduce_dtype=reduce_torch_dtype,
                                        activation_checkpointing=activation_checkpointing, compile=compile)
-    strategy = FSDP2Strategy(parallelize_fn=parallelize_fn, save_distributed_checkpoint=True)
+    strategy = FSDP2Strategy(parallelize_fn, sharding=sharding, shard_size=shard_size,
+                             save_distributed_checkpoint=True)
     # Mixed precision is done by FSDP2's policy, so Fabric itself runs "32-true" (no autocast).
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision="32-true")
@@ -140,14 +187,27 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         inner.set_requires_gradient_sync(enabled)  # recurses into the blocks
 
 
-def sharding_description(model: nn.Module, world_size: int) -> str:
-    """How the model is distributed, in words, e.g. "FSDP2 over 2 rank(s): rank 0 holds 79,008 of 158,016"."""
+def mesh_description(fabric) -> str:
+    """The sharding mode and mesh in words, e.g. "hsdp (FSDP2, replicate 2 x shard 4) over 8 rank(s)"."""
+    strategy = fabric.strategy
+    sharding = getattr(strategy, "sharding", "fsdp")
+    mesh = getattr(strategy, "dp_mesh", None)
+    if mesh is None:
+        return f"{sharding} (FSDP2) over {fabric.world_size} rank(s)"
+    if mesh.ndim == 2:
+        return f"{sharding} (FSDP2, replicate {mesh.size(0)} x shard {mesh.size(1)}) over {fabric.world_size} rank(s)"
+    return f"{sharding} (FSDP2, shard {mesh.size()}) over {fabric.world_size} rank(s)"
+
+
+def sharding_description(fabric, model: nn.Module) -> str:
+    """How the model is distributed, in words, e.g.
+    "fsdp (FSDP2, shard 2) over 2 rank(s): rank 0 holds 79,008 of 158,016 parameter elements"."""
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-    sharded = isinstance(unwrap(model), FSDPModule)
-    kind = "FSDP2" if sharded else "not sharded"
-    return f"{kind} over {world_size} rank(s): rank 0 holds {local:,} of {total:,} parameter elements"
+    kind = mesh_description(fabric) if isinstance(unwrap(model), FSDPModule) else \
+        f"not sharded over {fabric.world_size} rank(s)"
+    return f"{kind}: rank 0 holds {local:,} of {total:,} parameter elements"
 
 
 @torch.no_grad()

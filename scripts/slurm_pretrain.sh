@@ -10,7 +10,11 @@
 # (--signal=B:USR1@120); the trap forwards SIGUSR1 through srun to every rank, each saves a
 # checkpoint at its next step boundary and exits 0, and the job requeues itself. The next run
 # continues from the newest complete checkpoint (--resume auto); a checkpoint cut off mid-write
-# is ignored.
+# is ignored. The checkpoint holds sharded state that loads on any number of nodes and with
+# any --sharding, so a requeued job may get a different allocation (change the sizes above).
+#
+# --sharding hsdp (the default) shards within each node and replicates across nodes:
+# docs/pretrain.md ("Sharding") compares it with fsdp and ddp.
 #SBATCH --job-name=tinyllama-pretrain
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
@@ -27,13 +31,14 @@ DATA_ROOT=${DATA_ROOT:-/data/tinyllama}    # data_prep output: slimpajama/train,
 OUT=${OUT:-/checkpoints/tinyllama-1.1b}
 TOKENIZER=${TOKENIZER:-$DATA_ROOT/tokenizer.model}
 
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=4
 
 srun --kill-on-bad-exit=1 python pretrain/tinyllama.py \
     --accelerator cuda --devices "$SLURM_NTASKS_PER_NODE" --num-nodes "$SLURM_NNODES" \
-    --config tinyllama-1.1b --data-root "$DATA_ROOT" --tokenizer "$TOKENIZER" --out "$OUT" \
+    --sharding hsdp --config tinyllama-1.1b --data-root "$DATA_ROOT" --tokenizer "$TOKENIZER" --out "$OUT" \
     --global-batch-size 1024 --micro-batch-size 8 --save-every 1000 --keep-last 3 \
     --log-every 10 --val-every 1000 --resume auto &
 SRUN_PID=$!

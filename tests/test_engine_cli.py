@@ -50,12 +50,14 @@ def metrics(out: Path) -> list[dict]:
 def test_sft_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
     out = tmp_path / "sft"
     proc = run([*FABRIC, REPO / "finetune" / "sft.py", "--ckpt", tiny_ckpt, "--data", chat_file, "--out", out,
-                "--max-steps", 2, "--global-batch-size", 8, "--micro-batch-size", 2, "--lr", 1e-3])
-    assert "FSDP2 over 2 rank(s)" in proc.stdout
+                "--max-steps", 2, "--global-batch-size", 8, "--micro-batch-size", 2, "--lr", 1e-3,
+                "--sharding", "hsdp", "--shard-size", 1])
+    assert "sharding: hsdp (FSDP2, replicate 2 x shard 1) over 2 rank(s)" in proc.stdout
     assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2]
     assert Llama.load(out / "final").config == Config.from_name("tiny")
     resolved = yaml.safe_load((out / "config.yaml").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["kernels"] == "torch"
+    assert resolved["sharding"].startswith("hsdp (FSDP2, replicate 2 x shard 1)")
 
 
 def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
@@ -63,7 +65,10 @@ def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_fi
     run([*FABRIC, REPO / "finetune" / "spin.py", "--ckpt", tiny_ckpt, "--data", chat_file, "--out", out,
          "--iterations", 1, "--num-prompts", 16, "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48,
          "--gen-batch-size", 4, "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4,
-         "--no-progress"])
+         "--no-progress", "--sharding", "ddp"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["options"]["sharding"] == "ddp"
+    assert saved["resolved"]["sharding"].startswith("ddp (FSDP2, replicate 2 x shard 1) over 2 rank(s)")
     assert (out / "iter1" / "model.safetensors").is_file()
     assert (out / "work" / "iter0" / "generations.rank1.jsonl").is_file()  # rank 1 generated its share
     train = [m for m in metrics(out) if "rewards/accuracies" in m]
@@ -93,7 +98,8 @@ def test_run_config_restarts_the_same_run(shards, tmp_path):
     assert "backends: attention sdpa, kernels torch" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["options"]["seed"] == 3 and saved["options"]["data"] == [f"{shards}:1"]
-    assert saved["resolved"]["sharding"].startswith("FSDP2 over 1 rank(s)")
+    assert saved["resolved"]["sharding"].startswith("hsdp (FSDP2, replicate 1 x shard 1) over 1 rank(s)")
+    assert saved["options"]["sharding"] == "hsdp" and saved["options"]["shard_size"] is None
     assert saved["resolved"]["kernels"] == "torch" and saved["resolved"]["attention"] == "sdpa"
     # The file alone restarts it; a flag beside it overrides the file.
     run([sys.executable, REPO / "pretrain" / "tinyllama.py", "--run-config", out / "config.yaml",
