@@ -550,6 +550,10 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     import torch
 
+    if not opts.smoke and not torch.cuda.is_available():
+        print("gpu_bench.py: no CUDA device found; it measures TinyLlama-1.1B on a GPU. Run it on a machine "
+              "with one, or add --smoke to check every path on this CPU with tiny shapes.", file=sys.stderr)
+        return 2
     if opts.smoke and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels section runs Triton on the CPU
     start = time.perf_counter()

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 from conftest import load_script
 
 
@@ -27,6 +28,12 @@ def test_settings_past_the_budget_are_recorded_as_skipped(tmp_path):
     result = gb.section_train(opts, tmp_path, deadline=time.perf_counter() - 1, log=lambda text: None)
     assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 5
     assert "skipped (time budget)" in gb.format_train_rows(result["rows"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this runs the benchmark")
+def test_without_cuda_it_refuses_unless_smoke(tmp_path, capsys):
+    assert _load().main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "gpu_bench.json").exists()
 
 
 def test_unknown_section_is_refused(tmp_path):
