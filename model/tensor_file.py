@@ -72,7 +72,7 @@ class TensorFile:
                 raise IndexError(f"{self.path}: rows {start}:{stop} of {name}, which has {rows}")
         row_bytes = (end - begin) // max(rows, 1)
         out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=dtype)
-        buffer = out.view(torch.uint8).reshape(-1) if out.numel() else None
+        buffer = out.reshape(-1).view(torch.uint8) if out.numel() else None
         if buffer is not None:
             with open(self.path, "rb") as f:
                 f.seek(self.data_start + begin + start * row_bytes)
