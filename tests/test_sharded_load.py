@@ -206,3 +206,35 @@ def test_an_hf_directory_without_weights_or_a_tensor_is_named(tmp_path, chat_fil
     (hf / "model.safetensors").unlink()
     err = sft_error(hf, chat_file, tmp_path)
     assert f"{hf}: no model.safetensors, pytorch_model.bin or their index files" in err
+
+
+# ---- SFT and SPIN on 2 gloo processes -------------------------------------------------------------
+def metric_rows(out: Path, key: str) -> list[dict]:
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in row]
+
+
+def finetune(script: str, out: Path, devices: int, *args):
+    launch = () if devices == 1 else ("--accelerator", "cpu", "--devices", devices, "--sharding", "fsdp")
+    r = run_cli(script, *args, "--out", out, *launch)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"over {devices} rank(s)" in r.stdout + r.stderr
+    return out
+
+
+def test_sft_from_an_hf_directory_on_two_processes_matches_one(tiny_checkpoints, chat_file, tmp_path):  # noqa: F811
+    args = ("--ckpt", tiny_checkpoints["hf"], "--data", chat_file, "--max-steps", 2, "--global-batch-size", 4,
+            "--micro-batch-size", 2, "--lr", 1e-3)
+    one, two = (finetune("sft.py", tmp_path / f"sft{n}", n, *args) for n in (1, 2))
+    assert metric_rows(two, "loss")[0]["loss"] == pytest.approx(metric_rows(one, "loss")[0]["loss"], abs=1e-6)
+    a, b = (Llama.load(out / "final", kernels="torch").state_dict() for out in (one, two))
+    assert all(b[k].dtype == torch.float32 and torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_spin_from_a_training_checkpoint_on_two_processes_matches_one(pretrain_out, chat_file, tmp_path):  # noqa: F811
+    args = ("--ckpt", pretrain_out / "checkpoints" / "step-000002", "--data", chat_file, "--iterations", 1,
+            "--num-prompts", 8, "--max-new-tokens", 8, "--max-prompt-len", 32, "--max-len", 64, "--temperature", 0,
+            "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4, "--no-progress")
+    one, two = (finetune("spin.py", tmp_path / f"spin{n}", n, *args) for n in (1, 2))
+    first = [metric_rows(out, "loss")[0]["loss"] for out in (one, two)]
+    assert first[1] == pytest.approx(first[0], abs=1e-6)
+    assert (two / "iter1" / "model.safetensors").is_file()
