@@ -60,20 +60,28 @@ class TensorFile:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (along dim 0) of tensor `name`, in its stored dtype; all of it by default."""
+        shape = self.shape(name)
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=self.dtype(name))
+        return self.read_into(name, out, start)
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill `out` (contiguous, on CPU, of the stored dtype and row shape) with the rows of
+        tensor `name` from `start` on: no other buffer is allocated."""
         entry = self._entry(name)
         shape, dtype = list(entry["shape"]), _DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
-        if not shape:  # a scalar
-            start, stop, rows = 0, 1, 1
-        else:
-            rows = shape[0]
-            stop = rows if stop is None else stop
-            if not 0 <= start <= stop <= rows:
-                raise IndexError(f"{self.path}: rows {start}:{stop} of {name}, which has {rows}")
+        rows = shape[0] if shape else 1
+        count = out.shape[0] if shape else 1
+        if out.dtype != dtype or list(out.shape[1:] if shape else out.shape) != shape[1:] \
+                or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"{self.path}: cannot read {name} ({entry['dtype']} {shape}) into a "
+                             f"{out.dtype} {tuple(out.shape)} tensor on {out.device}")
+        if not 0 <= start <= start + count <= rows:
+            raise IndexError(f"{self.path}: rows {start}:{start + count} of {name}, which has {rows}")
         row_bytes = (end - begin) // max(rows, 1)
-        out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=dtype)
-        buffer = out.reshape(-1).view(torch.uint8) if out.numel() else None
-        if buffer is not None:
+        if out.numel():
+            buffer = out.reshape(-1).view(torch.uint8)
             with open(self.path, "rb") as f:
                 f.seek(self.data_start + begin + start * row_bytes)
                 got = f.readinto(buffer.numpy())

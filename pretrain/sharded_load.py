@@ -96,7 +96,10 @@ def _fill_from_safetensors(model: nn.Module, path: Path, config: Config) -> None
         _check_shape(name, weights.shape(name), param, config, source)
         start, stop = local_rows(param)
         local = param.to_local() if isinstance(param, DTensor) else param
-        local.copy_(weights.read(name, start, stop).reshape(local.shape))
+        if local.device.type == "cpu" and local.dtype == weights.dtype(name) and local.is_contiguous():
+            weights.read_into(name, local, start)  # straight into the shard: no temporary copy
+        else:
+            local.copy_(weights.read(name, start, stop).reshape(local.shape))
 
 
 @torch.no_grad()
