@@ -9,12 +9,13 @@ Every rank writes RESULT_PREFIX.rankR.pt. Cases:
             (pretrain/sharded_load.py): each rank's shards (values compared exactly) and
             placements, the dtypes, the gathered weights of the new load, and the loss and updated weights
             after one identical SGD step on each
-    memory  only one way (--old: the old one): this rank's resident memory just before the load
-            and its peak (ru_maxrss) after it, in bytes
+    memory  only one way (--old: the old one): this rank's resident memory just before the load,
+            its peak (ru_maxrss) until then and its peak after the load, in bytes
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -76,12 +77,16 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 def case_memory(fabric, args) -> dict:
+    gc.collect()
     fabric.barrier()
-    before = resident_bytes()
+    before, peak_before = resident_bytes(), peak_resident_bytes()
     model = (old_load if args.old else new_load)(fabric, args.ckpt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return {"before": before, "peak": peak,
+    return {"before": before, "peak_before": peak_before, "peak": peak_resident_bytes(),
             "local_bytes": sum(local(p).numel() * local(p).element_size() for p in model.parameters())}
 
 
