@@ -1,21 +1,22 @@
 """Loading a model checkpoint straight into an FSDP2-sharded model: each rank reads only its shards.
 
-`load_model_from_any` (pretrain/checkpoint.py) gives every rank a whole fp32 model, and
-sharding it afterwards means that, for a moment, each rank holds the full model, the full
-state dict it was loaded from and (for an HF directory) the converted one. `load_sharded`
+`load_model_from_any` (pretrain/checkpoint.py) gives every rank a whole model, and sharding
+it afterwards means that, for a while, each rank holds the whole model next to its shards
+(and, from an HF directory, HF's tensors next to the converted ones). `load_sharded`
 instead builds the model on the meta device, shards it with the run's plan (Fabric's
 setup_module: pretrain/parallel.py) so that each rank allocates only its shards, then fills
 them from the checkpoint:
 
     our consolidated dir   each parameter's rows of this rank, read from model.safetensors
-                           (model/tensor_file.py: plain reads, no memory map)
+                           straight into the shard (model/tensor_file.py: plain reads, no
+                           memory map)
     HF Llama dir           each parameter whole (q/k/v and gate/up are concatenated from
                            HF's separate tensors), then this rank's rows kept
     training checkpoint    torch.distributed.checkpoint reads this rank's pieces (it reshards)
 
-So a rank's extra memory while loading is its shards plus at most one full parameter (the
-largest is the embedding). Parameters are fp32 whatever the file's dtype (a bf16 HF export
-is upcast exactly), as the engine's master weights always are.
+So a rank's extra memory while loading is its shards, plus one full parameter at a time from
+an HF directory (the largest is the embedding). Parameters are fp32 whatever the file's
+dtype (a bf16 HF export is upcast exactly), as the engine's master weights always are.
 """
 from __future__ import annotations
 
