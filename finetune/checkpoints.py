@@ -7,22 +7,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from finetune.chat import ChatTemplate
 from pretrain.checkpoint import load_model_from_any, save_consolidated
 from finetune.tokenizer import Tokenizer, load_tokenizer
 from pretrain.checkpoint import resolve_model_dir
 
 
-def load_start(ckpt, tokenizer=None, kernels: str = "auto"):
-    """(model on CPU, Tokenizer, ChatTemplate) for --ckpt (our format, training ckpt or HF dir, or a
-    pretraining output dir: the tokenizer and template are read beside the weights it resolves to)."""
+def load_start(ckpt, tokenizer=None, kernels: str = "auto", fabric=None, weights: bool = True):
+    """(model, Tokenizer, ChatTemplate) for --ckpt (our format, training ckpt or HF dir, or a
+    pretraining output dir: the tokenizer and template are read beside the weights it resolves to).
+
+    The model is a whole one on CPU; with `fabric`, sharded on it, each rank reading only its
+    shards (collective; pretrain/sharded_load.py); with `weights=False`, on the meta device
+    (its config only, nothing read)."""
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
     ckpt = resolve_model_dir(ckpt)
-    model = load_model_from_any(ckpt, kernels=kernels)
+    model = _load_weights(ckpt, kernels, fabric, weights)
     tok = load_tokenizer(ckpt, tokenizer, model_vocab_size=model.config.vocab_size)
     return model, tok, ChatTemplate.load(ckpt)
+
+
+def _load_weights(ckpt: Path, kernels: str, fabric, weights: bool):
+    from model import Llama
+    from pretrain.sharded_load import load_sharded, read_model_config
+
+    if not weights:
+        with torch.device("meta"):
+            return Llama(read_model_config(ckpt), kernels=kernels)
+    return load_model_from_any(ckpt, kernels=kernels) if fabric is None else load_sharded(fabric, ckpt, kernels)
 
 
 def save_finetuned(fabric, model, directory, tok: Tokenizer, template: ChatTemplate) -> Path:

@@ -26,7 +26,7 @@ from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_r
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.options import FinetuneOptions
 from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
-                             mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
+                             mfu_metrics, print_run_description, run_description, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
@@ -79,7 +79,8 @@ def n_targets(row) -> int:
 
 def run(args: SFTOptions) -> Path:
     fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
-    model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels)
+    # Sharded as it is read: no rank ever holds the whole model (pretrain/sharded_load.py).
+    model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels, fabric=fabric)
     max_len = args.max_seq_len or model.config.block_size
     if max_len > model.config.block_size:
         raise ValueError(f"--max-seq-len {max_len} exceeds the model's block_size {model.config.block_size}")
@@ -93,7 +94,6 @@ def run(args: SFTOptions) -> Path:
         total_steps = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
 
     config = model.config
-    model = shard_model(fabric, model)
     optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay)
     resolved = run_description(fabric, model, args.kernels)
     if fabric.global_rank == 0:

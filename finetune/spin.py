@@ -65,10 +65,11 @@ from finetune.losses import sequence_logps, spin_loss
 from model.atomic import write_json, write_jsonl, write_torch
 from pretrain.checkpoint import load_model_from_any
 from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
-                             mfu_metrics, print_run_description, run_description, setup_fabric, shard_model)
+                             mfu_metrics, print_run_description, run_description, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
+from pretrain.sharded_load import load_sharded
 
 __all__ = ["spin_loss", "main"]
 
@@ -206,7 +207,8 @@ class SpinRun:
         self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
-        model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels)
+        # Only θ0's config is needed here: the model comes back on the meta device, nothing read.
+        model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels, weights=False)
         self.config = model.config
         del model
         fit_lengths(args, self.config.block_size)
@@ -433,7 +435,7 @@ class SpinRun:
         schedule_total = per_epoch * args.schedule_epochs  # the lr schedule's length...
         total = min(per_epoch * args.epochs, args.max_steps or per_epoch * args.epochs)  # ...and where we stop
 
-        model = shard_model(fabric, load_model_from_any(self.model_dir(t), kernels=args.kernels))
+        model = load_sharded(fabric, self.model_dir(t), kernels=args.kernels)  # each rank reads only its shards
         optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
         resolved = run_description(fabric, model, args.kernels)
         if t == self.first_iteration:

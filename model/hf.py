@@ -112,50 +112,97 @@ def state_dict_to_hf(state: dict, config: Config) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def state_dict_from_hf(hf: dict, config: Config, source: str = "HF checkpoint") -> dict:
+# our name's suffix in a block -> the HF tensors (under model.layers.{i}.) concatenated into it
+_BLOCK_PARTS = {
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.proj.weight": ("self_attn.o_proj.weight",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down.weight": ("mlp.down_proj.weight",),
+}
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+
+
+def our_names(config: Config) -> list[str]:
+    """Our parameter names, in the order state_dict_from_hf builds them."""
+    return [*_TOP, "lm_head.weight",
+            *(f"layers.{i}.{suffix}" for i in range(config.n_layer) for suffix in _BLOCK_PARTS)]
+
+
+def tensor_from_hf(name: str, hf, source: str = "HF checkpoint") -> torch.Tensor:
+    """One of our tensors, `name`, from the HF tensors `hf` (a dict, or an HFTensors reading on demand)."""
     def take(key: str) -> torch.Tensor:
         if key not in hf:
             raise ValueError(f"{source}: missing tensor {key!r}; is this a LlamaForCausalLM checkpoint?")
         return hf[key]
 
-    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    # Tied checkpoints store no lm_head; our model is untied, so it gets its own copy.
-    state["lm_head.weight"] = hf["lm_head.weight"] if "lm_head.weight" in hf else state["embed.weight"].clone()
-    for i in range(config.n_layer):
-        ours, p = f"layers.{i}.", f"model.layers.{i}."
-        state[ours + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-        state[ours + "attn.qkv.weight"] = torch.cat(
-            [take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
-             take(p + "self_attn.v_proj.weight")], dim=0)
-        state[ours + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
-        state[ours + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        state[ours + "mlp.gate_up.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
-        state[ours + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
-    return state
+    if name in _TOP:
+        return take(_TOP[name])
+    if name == "lm_head.weight":
+        # Tied checkpoints store no lm_head; our model is untied, so it gets its own copy.
+        return hf["lm_head.weight"] if "lm_head.weight" in hf else take(_TOP["embed.weight"]).clone()
+    layer, _, suffix = name.removeprefix("layers.").partition(".")
+    if not name.startswith("layers.") or suffix not in _BLOCK_PARTS:
+        raise KeyError(f"{name}: not a parameter of our Llama")
+    parts = [take(f"model.layers.{layer}.{part}") for part in _BLOCK_PARTS[suffix]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def state_dict_from_hf(hf: dict, config: Config, source: str = "HF checkpoint") -> dict:
+    return {name: tensor_from_hf(name, hf, source) for name in our_names(config)}
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The files holding an HF directory's tensors (one file, or those its index lists)."""
+    single_st, index_st = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    single_bin, index_bin = directory / "pytorch_model.bin", directory / "pytorch_model.bin.index.json"
+    if single_st.is_file():
+        return [single_st]
+    if index_st.is_file() or index_bin.is_file():
+        index = index_st if index_st.is_file() else index_bin
+        files = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{index} lists {path.name}, which is not in {directory}")
+        return files
+    if single_bin.is_file():
+        return [single_bin]
+    raise FileNotFoundError(f"{directory}: no model.safetensors, pytorch_model.bin or their index files")
 
 
 def _read_hf_tensors(directory: Path) -> dict:
     from safetensors.torch import load_file
 
-    single_st, index_st = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    single_bin, index_bin = directory / "pytorch_model.bin", directory / "pytorch_model.bin.index.json"
-    if single_st.is_file():
-        return load_file(str(single_st))
-    if index_st.is_file() or index_bin.is_file():
-        index = index_st if index_st.is_file() else index_bin
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{index} lists {name}, which is not in {directory}")
-            tensors.update(load_file(str(path)) if name.endswith(".safetensors")
-                           else torch.load(path, map_location="cpu", weights_only=True))
-        return tensors
-    if single_bin.is_file():
-        return torch.load(single_bin, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory}: no model.safetensors, pytorch_model.bin or their index files")
+    tensors = {}
+    for path in _weight_files(directory):
+        tensors.update(load_file(str(path)) if path.name.endswith(".safetensors")
+                       else torch.load(path, map_location="cpu", weights_only=True))
+    return tensors
+
+
+class HFTensors:
+    """An HF directory's tensors by name, each read from disk only when asked for (safetensors
+    files through model/tensor_file.py; .bin files memory-mapped by torch.load)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from model.tensor_file import TensorFile
+
+        self.where: dict[str, object] = {}
+        for path in _weight_files(Path(directory)):
+            if path.name.endswith(".safetensors"):
+                source = TensorFile(path)
+                self.where.update((name, source) for name in source.keys())
+            else:
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self.where.update((name, tensors) for name in tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source = self.where[name]
+        return source[name] if isinstance(source, dict) else source.read(name)
 
 
 def is_hf_checkpoint(directory: str | os.PathLike) -> bool:

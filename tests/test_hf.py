@@ -155,6 +155,12 @@ def test_import_of_each_checkpoint_layout_matches_logits(tmp_path, layout):
     x = torch.randint(0, 160, (2, 17))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+    # The on-demand reader of the sharded load (pretrain/sharded_load.py) gives the same tensors.
+    from model.hf import HFTensors, tensor_from_hf
+
+    lazy = HFTensors(directory)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor_from_hf(name, lazy), tensor), name
 
 
 @pytest.mark.parametrize("index_name", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
