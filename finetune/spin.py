@@ -37,6 +37,9 @@ Re-running the same command after a crash continues from the last completed stag
 interrupted generation resumes at the first prompt index not yet written, with no duplicates.
 An interrupted training stage restarts that iteration's training from θt.
 
+Prompts and answers are laid out in θ0's chat template: ours, or the HF Jinja template --ckpt
+brings (a chat model such as zephyr; finetune/hf_chat.py); every iter{t} carries it on.
+
 Defaults are the paper's settings (zephyr-7b: lr 5e-7 for iterations 0-1 then 1e-7, β 0.1,
 RMSprop, global batch 64, warmup 10%, 4 iterations; epochs/max length from the reference
 code's config), each a flag. Sizes meant for a 7B model on 8 GPUs are far too big for a CPU:
