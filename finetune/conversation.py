@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.chat import JINJA_FILE, TEMPLATE_FILE, ChatEncoder, ChatTemplate
-from model.atomic import write_text
 from finetune.tokenizer import Tokenizer
+from model.atomic import write_text
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
