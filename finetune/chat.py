@@ -17,6 +17,9 @@ The template (header strings) is saved beside every checkpoint as chat_template.
 an equivalent Jinja string in chat_template.jinja for the HF export (scripts/convert_hf.py).
 HF's tokenizer applied to the rendered Jinja text gives nearly, not always exactly, the
 same ids (it encodes the whole string at once); our ids come from this module.
+
+A checkpoint that brings its own Hugging Face chat template (TinyLlama-Chat, zephyr) is
+trained and prompted with that one instead: finetune/hf_chat.py.
 """
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ class ChatTemplate:
                 "{% if message['role'] == 'user' %}{{ ' ' + " + u + " + ' ' + message['content'] + ' ' + " + a + " }}"
                 "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
                 "{% endfor %}")
+
+    def describe(self) -> str:
+        return f"ours (finetune/chat.py: {self.user_header!r} prompt {self.assistant_header!r} answer EOS)"
+
+    def fingerprint(self) -> str:
+        """Changes when the template changes (SPIN's run_args.json)."""
+        return "ours " + json.dumps(asdict(self), sort_keys=True)
 
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
@@ -151,7 +161,12 @@ class TruncationStats:
 
 @dataclass
 class ChatEncoder:
-    """Turns prompts/answers into ids with one template; counts truncations."""
+    """Turns prompts/answers into ids with one template; counts truncations.
+
+    A prompt's ids are (template head, the prompt's own tokens, template tail): truncation cuts
+    only the middle part. finetune/hf_chat.py's `JinjaChatEncoder` is the same with an HF
+    checkpoint's Jinja template; `chat_encoder` picks the one a checkpoint's template needs.
+    """
     tokenizer: Tokenizer
     template: ChatTemplate = field(default_factory=ChatTemplate)
     stats: TruncationStats = field(default_factory=TruncationStats)
@@ -160,24 +175,26 @@ class ChatEncoder:
         self._head = [self.tokenizer.bos_id] + self.tokenizer.encode(self.template.user_header)
         self._tail = self.tokenizer.encode(self.template.assistant_header)
 
-    def _prompt_from_body(self, body: list[int], room: int) -> list[int]:
+    def prompt_parts(self, prompt: str) -> tuple[list[int], list[int], list[int]]:
+        """(template head, the prompt's tokens, template tail) of the untruncated prompt."""
+        return self._head, self.tokenizer.encode(prompt), self._tail
+
+    def _cut_prompt(self, parts: tuple[list[int], list[int], list[int]], room: int) -> list[int]:
         # A long prompt keeps its end: in chat data the question is usually last.
+        head, body, tail = parts
         if len(body) > room:
             self.stats.prompts_truncated += 1
             body = body[len(body) - room:]
-        return self._head + body + self._tail
-
-    @property
-    def template_len(self) -> int:
-        return len(self._head) + len(self._tail)
+        return head + body + tail
 
     def prompt_ids(self, prompt: str, max_len: int) -> list[int]:
         """The ids generation starts from (at most max_len of them)."""
-        room = max_len - self.template_len
-        if room < 1:
+        parts = self.prompt_parts(prompt)
+        fixed = len(parts[0]) + len(parts[2])
+        if max_len - fixed < 1:
             raise ValueError(f"max length {max_len} leaves no room for a prompt after the template's "
-                             f"{self.template_len} header tokens")
-        return self._prompt_from_body(self.tokenizer.encode(prompt), room)
+                             f"{fixed} header tokens")
+        return self._cut_prompt(parts, max_len - fixed)
 
     def conversation_ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
         """The ids of a multi-turn chat, ready for the next answer: BOS once, then each earlier
@@ -192,6 +209,11 @@ class ChatEncoder:
     def response_ids(self, response: str) -> list[int]:
         return self.tokenizer.encode(response) + [self.tokenizer.eos_id]
 
+    def answer_ids(self, prompt: str, response: str) -> list[int]:
+        """The ids that follow `prompt`'s ids in a training row: the answer, closed by EOS
+        (with our template they do not depend on the prompt)."""
+        return self.response_ids(response)
+
     def fit_response(self, prompt_ids: list[int], response_ids: list[int], max_len: int) -> list[int]:
         """Cut a response so prompt + response fit max_len (SPIN: the prompt is fixed by generation)."""
         room = max_len - len(prompt_ids)
@@ -203,12 +225,13 @@ class ChatEncoder:
     def encode_example(self, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids) within max_len: the prompt's start is cut first (keeping the
         template head and tail and at least one prompt token), then the response's end."""
-        body, response_ids = self.tokenizer.encode(prompt), self.response_ids(response)
-        if max_len - self.template_len < 1:
+        parts, response_ids = self.prompt_parts(prompt), self.answer_ids(prompt, response)
+        fixed = len(parts[0]) + len(parts[2])
+        if max_len - fixed < 1:
             raise ValueError(f"max length {max_len} leaves no room after the template's "
-                             f"{self.template_len} header tokens")
-        room = max(max_len - self.template_len - len(response_ids), min(len(body), 1))
-        prompt_ids = self._prompt_from_body(body, room)
+                             f"{fixed} header tokens")
+        room = max(max_len - fixed - len(response_ids), min(len(parts[1]), 1))
+        prompt_ids = self._cut_prompt(parts, room)
         return prompt_ids, self.fit_response(prompt_ids, response_ids, max_len)
 
 

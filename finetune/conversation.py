@@ -1,4 +1,4 @@
-"""Multi-turn chat prompts for talking to a model (scripts/chat.py).
+"""A checkpoint's chat template, and multi-turn chat prompts for talking to a model (scripts/chat.py).
 
 A conversation is rendered with the checkpoint's own template, found in this order:
 
@@ -8,7 +8,9 @@ A conversation is rendered with the checkpoint's own template, found in this ord
    chat_template.jinja file): rendered to text the way transformers renders it, then
    tokenized the way transformers' Llama tokenizer does (special-token strings such as
    "<s>" and "</s>" become their ids; only text at the very start gets sentencepiece's
-   leading space);
+   leading space). SFT and SPIN train with this template too (finetune/hf_chat.py) and
+   save it beside their checkpoints as chat_template.jinja + tokenizer_config.json
+   (`HFChatTemplate`), so their outputs are found here as well;
 3. neither (a pretrained base model): the project's default template, and the caller is
    told so (`ChatFormat.is_default`).
 
@@ -17,6 +19,7 @@ turns first.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from finetune.chat import JINJA_FILE, TEMPLATE_FILE, ChatEncoder, ChatTemplate
 from finetune.tokenizer import Tokenizer
+from model.atomic import write_text
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -58,14 +62,19 @@ class JinjaFormat:
         self._no_prefix = _without_dummy_prefix(tokenizer)
 
     def render(self, turns: list[tuple[str, str]], prompt: str) -> str:
-        from jinja2.exceptions import TemplateError
-
         messages = []
         for user, answer in turns:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": prompt})
+        return self.render_messages(messages, add_generation_prompt=True)
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The template's text for `messages`, as transformers' apply_chat_template(tokenize=False)."""
+        from jinja2.exceptions import TemplateError
+
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special_tokens)
         except TemplateError as e:
             raise ValueError(f"{self.source}: the chat template failed to render ({e})") from e
 
@@ -173,15 +182,56 @@ def _jinja_format(tokenizer: Tokenizer, template: str, source: str, config: dict
     return JinjaFormat(tokenizer, template, pieces, special_ids, source)
 
 
+@dataclass(frozen=True)
+class HFChatTemplate:
+    """An HF directory's Jinja chat template with the special tokens its tokenizer_config.json
+    names: what SFT and SPIN train with when --ckpt brings one (finetune/hf_chat.py), and what
+    they save beside their checkpoints, in transformers' layout (chat_template.jinja beside a
+    tokenizer_config.json), so the chat, SPIN's later iterations and the HF export read it back."""
+    text: str
+    source: str                 # the file it was read from, for messages
+    tokens: dict = field(default_factory=dict)  # bos/eos/unk/pad_token, added_tokens_decoder
+
+    def format(self, tokenizer: Tokenizer) -> "JinjaFormat":
+        return _jinja_format(tokenizer, self.text, self.source, self.tokens)
+
+    def describe(self) -> str:
+        return f"the HF checkpoint's own, from {self.source}"
+
+    def fingerprint(self) -> str:
+        """Changes when the template or its special tokens change (SPIN's run_args.json)."""
+        data = json.dumps({"template": self.text, "tokens": self.tokens}, sort_keys=True)
+        return "hf sha256:" + hashlib.sha256(data.encode()).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text(directory / JINJA_FILE, self.text)
+        write_text(directory / HF_TOKENIZER_CONFIG, json.dumps(self.tokens, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_chat_template(directory: str | Path) -> ChatTemplate | HFChatTemplate | None:
+    """The checkpoint's own template (see the module docstring for the order), None if it has none."""
+    directory = Path(directory)
+    if (directory / TEMPLATE_FILE).is_file():
+        return ChatTemplate.load(directory)
+    found = _hf_chat_template(directory)
+    if found is None:
+        return None
+    text, source, config = found
+    keep = ("bos_token", "eos_token", "unk_token", "pad_token", "added_tokens_decoder")
+    return HFChatTemplate(text, source, {k: config[k] for k in keep if config.get(k) is not None})
+
+
 def find_chat_format(directory: str | Path, tokenizer: Tokenizer) -> TemplateFormat | JinjaFormat:
     """The checkpoint's own chat template (see the module docstring for the order)."""
     directory = Path(directory)
-    if (directory / TEMPLATE_FILE).is_file():
-        return TemplateFormat(tokenizer, ChatTemplate.load(directory), str(directory / TEMPLATE_FILE))
-    found = _hf_chat_template(directory)
-    if found is not None:
-        return _jinja_format(tokenizer, *found)
-    return TemplateFormat(tokenizer, ChatTemplate(), "the project's default template", is_default=True)
+    template = load_chat_template(directory)
+    if template is None:
+        return TemplateFormat(tokenizer, ChatTemplate(), "the project's default template", is_default=True)
+    if isinstance(template, ChatTemplate):
+        return TemplateFormat(tokenizer, template, str(directory / TEMPLATE_FILE))
+    return template.format(tokenizer)
 
 
 @dataclass

@@ -4,11 +4,14 @@
     fabric run finetune/sft.py ...   (several GPUs/nodes: same Fabric + FSDP2 setup as pretraining)
 
 --ckpt is our consolidated directory, a pretraining checkpoint or an HF Llama directory
-(detected automatically). Each row is the first user turn + assistant answer, templated by
-finetune/chat.py; the loss covers the answer tokens (and its EOS) only.
+(detected automatically). Each row is the first user turn + assistant answer, in --ckpt's own
+chat template: an HF directory's Jinja template when it has one (finetune/hf_chat.py), else
+ours (finetune/chat.py); the loss covers the answer tokens (and its EOS) only.
 
 Output:
-    SFT_DIR/final/        config.json, model.safetensors, tokenizer.model, chat_template.{json,jinja}
+    SFT_DIR/final/        config.json, model.safetensors, tokenizer.model, the chat template
+                          (ours: chat_template.{json,jinja}; an HF one: chat_template.jinja +
+                          tokenizer_config.json)
     SFT_DIR/config.yaml   the resolved options and backends (--run-config runs it again)
     SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary
 """
@@ -24,6 +27,7 @@ from tqdm import tqdm
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
 from finetune.chat import IGNORE_INDEX, ChatEncoder, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
+from finetune.hf_chat import chat_encoder
 from finetune.options import FinetuneOptions
 from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer, memory_metrics,
                              mfu_metrics, print_run_description, run_description, setup_fabric)
@@ -84,7 +88,8 @@ def run(args: SFTOptions) -> Path:
     max_len = args.max_seq_len or model.config.block_size
     if max_len > model.config.block_size:
         raise ValueError(f"--max-seq-len {max_len} exceeds the model's block_size {model.config.block_size}")
-    encoder = ChatEncoder(tok, template)
+    encoder = chat_encoder(tok, template)
+    fabric.print(f"chat template: {template.describe()}")
     examples = read_chat(args.data, limit=args.num_examples)
     rows = tokenize_rows(examples, encoder, max_len)
     check_batch_sizes(args.global_batch_size, args.micro_batch_size, fabric.world_size)
@@ -95,7 +100,7 @@ def run(args: SFTOptions) -> Path:
 
     config = model.config
     optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay)
-    resolved = run_description(fabric, model, args.kernels)
+    resolved = run_description(fabric, model, args.kernels) | {"chat_template": template.describe()}
     if fabric.global_rank == 0:
         write_run_config(args.out, script_name(__file__), args, resolved)
     logger = MetricsLogger(args.out, enabled=fabric.global_rank == 0, wandb_project=args.wandb_project,

@@ -23,10 +23,11 @@ Output layout:
     SPIN_DIR/state.json                         {"completed_iterations": k, "global_step": s}; written last
                                                 per iteration
     SPIN_DIR/config.yaml                        resolved options and backends (--run-config resumes from it)
-    SPIN_DIR/run_args.json                      flags that shape the stages; resuming with others is an error
+    SPIN_DIR/run_args.json                      flags that shape the stages, and the chat template's
+                                                fingerprint; resuming with others is an error
     SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration";
                                                 one step counts on across iterations and restarts
-    SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + chat_template.*
+    SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + θ0's chat template
     SPIN_DIR/work/iter{t}/generations.rank{r}.jsonl   incremental, keyed by prompt "index"
     SPIN_DIR/work/iter{t}/generations.jsonl     all ranks merged in prompt order (stage 1 done)
     SPIN_DIR/work/iter{t}/pairs.jsonl           the kept pairs, + pairs_stats.json (stage 2 done)
@@ -35,6 +36,9 @@ Output layout:
 Re-running the same command after a crash continues from the last completed stage; an
 interrupted generation resumes at the first prompt index not yet written, with no duplicates.
 An interrupted training stage restarts that iteration's training from θt.
+
+Prompts and answers are laid out in θ0's chat template: ours, or the HF Jinja template --ckpt
+brings (a chat model such as zephyr; finetune/hf_chat.py); every iter{t} carries it on.
 
 Defaults are the paper's settings (zephyr-7b: lr 5e-7 for iterations 0-1 then 1e-7, β 0.1,
 RMSprop, global batch 64, warmup 10%, 4 iterations; epochs/max length from the reference
@@ -56,8 +60,9 @@ import torch
 from tqdm import tqdm
 
 from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batches
-from finetune.chat import IGNORE_INDEX, ChatEncoder, TruncationStats, pad_right, read_chat, sft_row
+from finetune.chat import IGNORE_INDEX, TruncationStats, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
+from finetune.hf_chat import chat_encoder
 from finetune.options import FinetuneOptions
 from finetune.spin_data import read_pairs, reindex, sample_rows
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_rows
@@ -79,6 +84,7 @@ RUN_ARGS_FILE = "run_args.json"
 # β is not one: no stored stage depends on it, so a resumed run may change it for iterations not yet trained.
 STAGE_FLAGS = ("ckpt", "data", "pairs", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
                "temperature", "top_p", "seed", "no_previous_pairs")
+TEMPLATE_KEY = "chat_template"  # run_args.json also records the chat template's fingerprint
 
 
 @dataclass(kw_only=True)
@@ -212,7 +218,9 @@ class SpinRun:
         self.config = model.config
         del model
         fit_lengths(args, self.config.block_size)
-        self.encoder = ChatEncoder(self.tok, self.template)
+        # --ckpt's own template: an HF directory's Jinja template when it has one (finetune/hf_chat.py).
+        self.encoder = chat_encoder(self.tok, self.template)
+        self.fabric.print(f"chat template: {self.template.describe()}")
         # Given answers (--pairs) stand in for θ0's generations; both sources are sampled alike.
         if args.pairs is not None:
             examples, given = read_pairs(args.pairs)
@@ -220,7 +228,7 @@ class SpinRun:
             examples, given = read_chat(args.data), None
         rows = sample_rows(len(examples), args.num_prompts, args.seed)
         self.examples = reindex(examples, rows)
-        self.given = None if given is None else [self.encoder.response_ids(given[r]) for r in rows]
+        self.given = None if given is None else [self.encoder.answer_ids(examples[r].prompt, given[r]) for r in rows]
         self.prompts = [self.encoder.prompt_ids(ex.prompt, args.max_prompt_len) for ex in self.examples]
         self.prompts_truncated = self.encoder.stats.prompts_truncated
         self.logger: MetricsLogger | None = None  # opened by run(), after restore_metrics_step
@@ -234,11 +242,17 @@ class SpinRun:
         """Refuse to resume an output directory made with different stage-defining flags."""
         path = self.args.out / RUN_ARGS_FILE
         now = {k: str(getattr(self.args, k)) for k in STAGE_FLAGS}
+        # The template comes from --ckpt's files, which may be edited between runs: it shapes every stage too.
+        now[TEMPLATE_KEY] = self.template.fingerprint()
         if path.is_file():
             before = json.loads(path.read_text())
-            changed = [k for k in STAGE_FLAGS if k in before and before[k] != now[k]]
+            changed = [k for k in now if k in before and before[k] != now[k]]
             if changed:
                 k = changed[0]
+                if k == TEMPLATE_KEY:
+                    raise ValueError(f"{path}: the chat template was {before[k]} when this directory was started, "
+                                     f"now {now[k]} ({self.template.describe()}); resume with the template the "
+                                     f"run started with, or use a new --out")
                 raise ValueError(f"{path}: --{k.replace('_', '-')} was {before[k]} when this directory was started, "
                                  f"now {now[k]}; use the same flags to resume, or a new --out")
         elif self.rank == 0:
@@ -336,7 +350,8 @@ class SpinRun:
             max_length = sum(1 for row in generations.values() if not row.get("stopped", False))
             for ex, prompt in zip(self.examples, self.prompts):
                 gen = generations[ex.index]["generated_ids"]
-                real = self.encoder.fit_response(prompt, self.encoder.response_ids(ex.response), self.args.max_len)
+                real = self.encoder.fit_response(prompt, self.encoder.answer_ids(ex.prompt, ex.response),
+                                                 self.args.max_len)
                 generated = self.encoder.fit_response(prompt, list(gen), self.args.max_len)
                 if not generated:
                     empty += 1  # nothing to score
@@ -437,7 +452,7 @@ class SpinRun:
 
         model = load_sharded(fabric, self.model_dir(t), kernels=args.kernels)  # each rank reads only its shards
         optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
-        resolved = run_description(fabric, model, args.kernels)
+        resolved = run_description(fabric, model, args.kernels) | {"chat_template": self.template.describe()}
         if t == self.first_iteration:
             if self.rank == 0:
                 write_run_config(args.out, script_name(__file__), args, resolved)
@@ -500,7 +515,7 @@ class SpinRun:
         self.check_run_args()
         # Options and backends are on record before generation starts; the first training
         # stage rewrites the file with the measured sharding.
-        resolved = run_description(self.fabric, None, args.kernels)
+        resolved = run_description(self.fabric, None, args.kernels) | {"chat_template": self.template.describe()}
         if self.rank == 0:
             write_run_config(args.out, script_name(__file__), args, resolved)
         print_run_description(self.fabric, resolved)

@@ -229,8 +229,9 @@ def write_samples(test_data: Path, before: Path, after: Path, out: Path, max_new
                   num_prompts: int = 3) -> None:
     """Greedy answers to held-out prompts from the SFT model and from the last SPIN iterate,
     using finetune's own template and KV-cache generator."""
-    from finetune.chat import ChatEncoder, read_chat
+    from finetune.chat import read_chat
     from finetune.checkpoints import load_start
+    from finetune.hf_chat import chat_encoder
     from finetune.generate import generate_batch
 
     examples = read_chat(test_data, limit=num_prompts)
@@ -238,7 +239,7 @@ def write_samples(test_data: Path, before: Path, after: Path, out: Path, max_new
     for label, ckpt in (("before", before), ("after", after)):
         model, tok, template = load_start(ckpt, kernels="auto")
         model.eval()
-        encoder = ChatEncoder(tok, template)
+        encoder = chat_encoder(tok, template)
         room = model.config.block_size - max_new_tokens
         prompts = [encoder.prompt_ids(e.prompt, room) for e in examples]
         answers[label] = [tok.decode(ids) for ids in

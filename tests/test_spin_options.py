@@ -5,6 +5,7 @@ import types
 
 import pytest
 
+from finetune.chat import ChatTemplate
 from finetune.spin import SpinOptions, SpinRun, parse_args
 
 BASE = ["--ckpt", "C", "--data", "D", "--out", "O"]
@@ -29,14 +30,18 @@ def test_bad_beta_is_refused(beta, message, capsys):
 def test_a_resumed_run_may_change_beta_but_not_a_stage_flag(tmp_path):
     """β shapes no stored stage (generations, pairs, reference log-probs): resuming with another
     β for the iterations not yet trained is allowed; a stage flag still is refused."""
-    def fake_run(**flags):
+    def fake_run(template=ChatTemplate(), **flags):
         args = SpinOptions(ckpt="C", data="D", out=tmp_path, **flags)
-        return types.SimpleNamespace(args=args, rank=0, fabric=types.SimpleNamespace(barrier=lambda: None))
+        return types.SimpleNamespace(args=args, rank=0, fabric=types.SimpleNamespace(barrier=lambda: None),
+                                     template=template)
 
     SpinRun.check_run_args(fake_run(beta="0.1", iterations=2))
     SpinRun.check_run_args(fake_run(beta="0.1,5.0", iterations=2))  # no error
     with pytest.raises(ValueError, match="--seed was 42"):
         SpinRun.check_run_args(fake_run(beta="0.1", iterations=2, seed=1))
+    # The chat template (read from --ckpt's files) shapes every stage too.
+    with pytest.raises(ValueError, match="the chat template was ours"):
+        SpinRun.check_run_args(fake_run(template=ChatTemplate(user_header="Q: "), beta="0.1", iterations=2))
     assert "beta" not in json.loads((tmp_path / "run_args.json").read_text())
 
 
