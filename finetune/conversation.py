@@ -92,8 +92,18 @@ class JinjaFormat:
         # Only the text at offset 0 gets the leading "▁"; text after a special token does not.
         return self.tokenizer.encode(text) if at_start else self._no_prefix.encode(text)
 
+    def chat_ids(self, text: str) -> list[int]:
+        """A rendered conversation's ids, starting with BOS even where the template writes none
+        (zephyr, TinyLlama-Chat). Those models were trained on the rendered text tokenized with
+        the tokenizer's BOS added (alignment-handbook, TRL and SPIN's code; HF's pipeline adds it
+        too); apply_chat_template(tokenize=True) alone leaves it out. A template that writes BOS
+        keeps exactly one."""
+        ids = self.encode(text)
+        bos = self.tokenizer.bos_id
+        return ids if ids[:1] == [bos] else [bos] + ids
+
     def ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
-        return self.encode(self.render(turns, prompt))
+        return self.chat_ids(self.render(turns, prompt))
 
 
 def _jinja_env():

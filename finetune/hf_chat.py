@@ -2,7 +2,8 @@
 
 When --ckpt brings a Jinja chat template (finetune/conversation.py `HFChatTemplate`), prompts
 and training rows are that template's text, tokenized as transformers' apply_chat_template(...,
-tokenize=True) does (`JinjaFormat`, which adds no BOS the template does not write):
+tokenize=True) does, with BOS first where the template writes none (`JinjaFormat.chat_ids`: the
+models were trained with it):
 
     prompt ids  = ids(render([user], add_generation_prompt=True))   what generation starts from
     row ids     = ids(render([user, assistant]))                     the full conversation
@@ -50,7 +51,7 @@ class JinjaChatEncoder(ChatEncoder):
         self.split(*PROBE)
 
     def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        return self.format.encode(self.format.render_messages(messages, add_generation_prompt))
+        return self.format.chat_ids(self.format.render_messages(messages, add_generation_prompt))
 
     def prompt_parts(self, prompt: str) -> tuple[list[int], list[int], list[int]]:
         ids = self._ids([{"role": "user", "content": prompt}], True)

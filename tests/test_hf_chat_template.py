@@ -52,8 +52,11 @@ def hf_dir(path: Path, tokenizer: Path, template: str, model: bool = False) -> P
 
 
 def transformers_ids(hf, messages, add_generation_prompt: bool) -> list[int]:
+    """apply_chat_template's ids, with the BOS that training pipelines (alignment-handbook, TRL)
+    add when the template writes none, as zephyr's does not."""
     ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return ids if ids[:1] == [hf.bos_token_id] else [hf.bos_token_id] + ids
 
 
 @pytest.mark.parametrize("which", ["tiny", "llama2"])
