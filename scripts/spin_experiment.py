@@ -55,6 +55,14 @@ MAX_PROMPT_LEN = 32
 MAX_NEW_TOKENS = 16
 BATCH = 32               # rows (SFT) or pairs (SPIN) per optimizer step
 METRICS = ("ll_per_token", "exact_match", "margin", "margin_accuracy")
+# Human answers vary in form; so do these. A row's real answer is one of the forms, drawn at random,
+# so no model can predict it exactly: the held-out loss has a floor, and training long enough
+# memorises each training row's form, which is how SFT overfits and its held-out loss turns up.
+FORMS = ("{a} + {b} = {c}", "{a} plus {b} is {c}", "The sum is {c}.")
+
+
+def valid_answers(a: int, b: int) -> list[str]:
+    return [form.format(a=a, b=b, c=a + b) for form in FORMS]
 
 
 def floats(text: str) -> list[float]:
@@ -73,18 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny sizes, 2 seeds, no sweep: checks every stage (CI), numbers mean nothing")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="seeds of the runs after θ0 (data order, "
                    "SPIN's prompt sample and sampling)")
-    p.add_argument("--k", type=int, default=2, help="more-SFT epochs = SPIN iterations")
+    p.add_argument("--k", type=int, default=3, help="more-SFT epochs = SPIN iterations")
     p.add_argument("--max-operand", type=int, default=100)
-    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--train-rows", type=int, default=600,
+                   help="small enough that SFT plateaus, then overfits, before it learns to add")
     p.add_argument("--val-rows", type=int, default=200)
     p.add_argument("--test-rows", type=int, default=400)
-    p.add_argument("--sft-epochs", type=int, default=24, help="the plateau run's length")
+    p.add_argument("--sft-epochs", type=int, default=30, help="the plateau run's length")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="the plateau run's constant learning rate")
-    p.add_argument("--more-sft-lrs", type=floats, default=[2e-3, 2e-4],
+    p.add_argument("--more-sft-lrs", type=floats, default=[2e-3, 5e-4, 1e-4],
                    help="sweep of the more-SFT arm (linear decay over its k epochs)")
-    p.add_argument("--spin-lrs", type=floats, default=[1e-4, 1e-3], help="sweep of the SPIN arm")
+    p.add_argument("--spin-lrs", type=floats, default=[3e-5, 1e-4, 3e-4], help="sweep of the SPIN arm")
     p.add_argument("--betas", type=floats, default=[0.1, 1.0], help="sweep of the SPIN arm")
-    p.add_argument("--spin-prompts", type=int, default=1000, help="prompts answered per SPIN iteration")
+    p.add_argument("--spin-prompts", type=int, default=600, help="train prompts answered per SPIN iteration")
     p.add_argument("--spin-epochs", type=int, default=1, help="epochs over the pairs per SPIN iteration")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="SPIN's decoding (0 = greedy, the paper's setting); also y' of the margin")
@@ -93,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.k = args.seeds[:2], 1
-        args.train_rows, args.val_rows, args.test_rows = 400, 40, 40
+        args.train_rows, args.val_rows, args.test_rows = 200, 40, 40
         args.sft_epochs, args.spin_prompts = 3, 100
         args.more_sft_lrs, args.spin_lrs, args.betas = args.more_sft_lrs[:1], args.spin_lrs[:1], args.betas[:1]
     if args.k < 1 or args.sft_epochs < 1 or not args.seeds:
@@ -112,11 +121,12 @@ def make_rows(args) -> dict[str, list[dict]]:
     if len(operands) < sum(sizes.values()):
         raise SystemExit(f"error: --max-operand {args.max_operand} gives {len(operands)} distinct sums; "
                          f"the splits need {sum(sizes.values())}")
+    forms = random.Random(args.data_seed + 1)
     rows, start = {}, 0
     for split, n in sizes.items():
-        rows[split] = [{"prompt": f"add {a} {b}", "prompt_id": f"{a}+{b}",
+        rows[split] = [{"prompt": f"add {a} {b}", "prompt_id": f"{a}+{b}", "valid": valid_answers(a, b),
                         "messages": [{"role": "user", "content": f"add {a} {b}"},
-                                     {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}
+                                     {"role": "assistant", "content": forms.choice(valid_answers(a, b))}]}
                        for a, b in operands[start:start + n]]
         start += n
     return rows
@@ -197,7 +207,7 @@ def sft_job(args, theta0: Path, lr: float, seed: int) -> dict:
     out = args.out / "runs" / name
     run_cli("sft.py", ["--ckpt", theta0, "--data", args.out / "train.jsonl", "--out", out, "--epochs", args.k,
                        "--lr", lr, "--lr-schedule", "linear", "--warmup-ratio", 0.1, "--save-every-epoch",
-                       "--seed", seed, *common_flags()], out.with_suffix(".log"))
+                       "--seed", seed, *common_flags()], out.parent / f"{name}.log")
     ckpts = [out / f"epoch{j}" for j in range(1, args.k)] + [out / "final"]
     return {"name": name, "arm": "sft", "lr": lr, "beta": None, "seed": seed, "ckpts": ckpts, "pairs": []}
 
@@ -212,7 +222,7 @@ def spin_job(args, theta0: Path, lr: float, beta: float, seed: int) -> dict:
                         "--epochs", args.spin_epochs, "--schedule-epochs", args.spin_epochs,
                         "--lr", lr, "--lr-later", lr, "--optimizer", "rmsprop", "--beta", beta,
                         "--warmup-ratio", 0.1, "--seed", seed, "--no-progress", *common_flags()],
-            out.with_suffix(".log"))
+            out.parent / f"{name}.log")
     pairs = [json.loads((out / "work" / f"iter{t}" / "pairs_stats.json").read_text()) for t in range(args.k)]
     return {"name": name, "arm": "spin", "lr": lr, "beta": beta, "seed": seed,
             "ckpts": [out / f"iter{t}" for t in range(1, args.k + 1)], "pairs": pairs}
@@ -225,11 +235,11 @@ def run_job(args, theta0: Path, job: tuple) -> dict:
     torch.set_num_threads(1)
     kind, *values = job
     result = sft_job(args, theta0, *values) if kind == "sft" else spin_job(args, theta0, *values)
-    points = []
-    for k, ckpt in enumerate(result.pop("ckpts"), start=1):
-        points.append({"k": k, **{split: evaluate(ckpt, args.out / f"reference_{split}.pt")
-                                  for split in ("val", "test")}})
-    result["points"] = points
+    ckpts = result.pop("ckpts")
+    # Test after every epoch / iteration (the curves); val only at the end, where settings are picked.
+    result["points"] = [{"k": k, "test": evaluate(ckpt, args.out / "reference_test.pt")}
+                        for k, ckpt in enumerate(ckpts, start=1)]
+    result["points"][-1]["val"] = evaluate(ckpts[-1], args.out / "reference_val.pt")
     path = args.out / "jobs" / f"{result['name']}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -295,7 +305,7 @@ def make_reference(args, theta0: Path, split: str) -> None:
         ref_real = answer_logps(model, prompts, real, tok.pad_id)
         ref_generated = answer_logps(model, prompts, generated, tok.pad_id)
     torch.save({"split": split, "prompts": prompts, "real": real, "generated": generated,
-                "texts": [r["messages"][1]["content"] for r in rows],
+                "valid": [r["valid"] for r in rows],
                 "ref_real": ref_real, "ref_generated": ref_generated}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -317,7 +327,7 @@ def evaluate(ckpt: Path, reference_file: Path) -> dict:
     n_tokens = sum(len(a) for a in ref["real"])
     margins = [(lr - rr) - (lg - rg) for lr, rr, lg, rg, y, y2 in
                zip(real, ref["ref_real"], generated, ref["ref_generated"], ref["real"], ref["generated"]) if y != y2]
-    exact = sum(tok.decode(a).strip() == text for a, text in zip(answers, ref["texts"]))
+    exact = sum(tok.decode(a).strip() in valid for a, valid in zip(answers, ref["valid"]))
     return {"ll_per_token": sum(real) / n_tokens, "exact_match": exact / len(answers),
             "margin": statistics.fmean(margins) if margins else 0.0,
             "margin_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else 0.0,
@@ -335,13 +345,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict], k: int) -> dict:
-    """{setting: {"arm", "seeds", "points": [{"k", split: {metric: (mean, std over seeds)}}]}}."""
+    """{setting: {"arm", "seeds", "points": [{"k", split: {metric: (mean, std over seeds)}}]}}
+    (val only in the last point)."""
     grouped: dict[str, list[dict]] = {}
     for run in sorted(runs, key=lambda r: (r["arm"], r["lr"], r["beta"] or 0, r["seed"])):
         grouped.setdefault(setting(run), []).append(run)
     return {name: {"arm": group[0]["arm"], "seeds": [r["seed"] for r in group],
                    "points": [{"k": j, **{split: {m: mean_std([r["points"][j - 1][split][m] for r in group])
-                                                  for m in METRICS} for split in ("val", "test")}}
+                                                  for m in METRICS}
+                                          for split in ("val", "test") if split in group[0]["points"][j - 1]}}
                               for j in range(1, k + 1)]}
             for name, group in grouped.items()}
 
