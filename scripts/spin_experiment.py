@@ -224,7 +224,13 @@ def spin_job(args, theta0: Path, lr: float, beta: float, seed: int) -> dict:
                         "--warmup-ratio", 0.1, "--seed", seed, "--no-progress", *common_flags()],
             out.parent / f"{name}.log")
     pairs = [json.loads((out / "work" / f"iter{t}" / "pairs_stats.json").read_text()) for t in range(args.k)]
-    return {"name": name, "arm": "spin", "lr": lr, "beta": beta, "seed": seed,
+    # The training pairs' own reward accuracy and margin (in nats: rewards/margins / β) over the
+    # last iteration, to set beside the held-out margin.
+    last = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r.get("iteration") == args.k - 1 and "rewards/margins" in r]
+    train = {"margin": statistics.fmean(r["rewards/margins"] / beta for r in last),
+             "accuracy": statistics.fmean(r["rewards/accuracies"] for r in last)}
+    return {"name": name, "arm": "spin", "lr": lr, "beta": beta, "seed": seed, "train_last_iteration": train,
             "ckpts": [out / f"iter{t}" for t in range(1, args.k + 1)], "pairs": pairs}
 
 
@@ -388,6 +394,16 @@ def report(args, plateau: dict, theta0: dict, table: dict, picks: dict, runs: li
                          f"{fmt(t['margin'], 2)} | {fmt(t['margin_accuracy'])} |")
     spin_runs = [r for r in runs if r["arm"] == "spin"]
     if spin_runs:
+        lines += ["", f"SPIN on its training pairs (iteration {args.k - 1}) vs on test prompts (after it):", "",
+                  "| setting | train reward accuracy | train margin (nats) | test margin > 0 | test margin (nats) |",
+                  "|---|---|---|---|---|"]
+        for name, entry in table.items():
+            mine = [r for r in spin_runs if setting(r) == name]
+            if mine:
+                t = entry["points"][-1]["test"]
+                lines.append(f"| {name} | {fmt(mean_std([r['train_last_iteration']['accuracy'] for r in mine]))} | "
+                             f"{fmt(mean_std([r['train_last_iteration']['margin'] for r in mine]), 2)} | "
+                             f"{fmt(t['margin_accuracy'])} | {fmt(t['margin'], 2)} |")
         lines.append("")
         for t in range(args.k):
             stats = [r["pairs"][t] for r in spin_runs]
