@@ -13,7 +13,8 @@ with disjoint operand pairs.
 
   1. a sentencepiece tokenizer and a randomly initialised small Llama (model/)
   2. SFT at a constant learning rate for --sft-epochs, held-out loss after every epoch
-     (finetune/sft.py --val-data --save-every-epoch); θ0 = the epoch with the lowest val loss
+     (finetune/sft.py --val-data): the epoch with the lowest val loss is the plateau; θ0 = SFT
+     for that many epochs with the learning rate decayed to 0 (cosine), as SFT models are made
   3. from θ0, for every seed and every setting of the sweep:
        more SFT: k epochs on the train rows                   (finetune/sft.py), lr in --more-sft-lrs
        SPIN:     k iterations on --spin-prompts train prompts (finetune/spin.py), lr x beta sweep
@@ -182,24 +183,38 @@ def common_flags() -> list:
     return ["--global-batch-size", BATCH, "--micro-batch-size", BATCH, "--kernels", "torch"]
 
 
+def val_curve(out: Path) -> list[float]:
+    return [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r]
+
+
 def sft_plateau(args, base: Path) -> tuple[Path, dict]:
-    """SFT at a constant lr, val loss per epoch; θ0 = the epoch of lowest val loss."""
-    out = args.out / "sft_plateau"
-    if not (out / "final" / "model.safetensors").is_file():
-        run_cli("sft.py", ["--ckpt", base, "--data", args.out / "train.jsonl", "--val-data", args.out / "val.jsonl",
-                           "--out", out, "--epochs", args.sft_epochs, "--lr", args.sft_lr, "--lr-schedule", "constant",
-                           "--warmup-ratio", 0.02, "--save-every-epoch", "--seed", args.data_seed, *common_flags()],
-                args.out / "sft_plateau.log")
-    curve = [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "val_loss" in r]
+    """θ0: SFT as long as the held-out loss improves, with its learning rate decayed to the end.
+
+    First SFT at a constant lr for --sft-epochs, the val loss after every epoch: the epoch with
+    the lowest is where SFT plateaus (after it, the model memorises the training rows). Then
+    SFT again from the random model for exactly that many epochs with a cosine decay: θ0. The
+    decay matters: a model taken mid-way at a constant lr is not converged, and any arm that
+    continues it with a decaying lr gains from the annealing alone, not from its objective
+    (zephyr-7b-sft-full, the paper's start, was trained with its schedule run to the end).
+    """
+    scan = args.out / "sft_plateau_scan"
+    data = ["--data", args.out / "train.jsonl", "--val-data", args.out / "val.jsonl", "--lr", args.sft_lr,
+            "--warmup-ratio", 0.02, "--seed", args.data_seed, *common_flags()]
+    if not (scan / "final" / "model.safetensors").is_file():
+        run_cli("sft.py", ["--ckpt", base, "--out", scan, "--epochs", args.sft_epochs, "--lr-schedule", "constant",
+                           *data], args.out / "sft_plateau_scan.log")
+    curve = val_curve(scan)
     best = min(range(1, len(curve)), key=curve.__getitem__)
-    theta0 = out / "final" if best == args.sft_epochs else out / f"epoch{best}"
-    plateau = {"val_loss": curve, "theta0_epoch": best, "reached": best < args.sft_epochs,
-               "theta0": str(theta0.relative_to(args.out))}
-    if not plateau["reached"]:
+    if best == args.sft_epochs:
         print(f"warning: the val loss still fell in the last SFT epoch ({curve[-2]:.4f} -> {curve[-1]:.4f}): "
               f"θ0 is not at a plateau; raise --sft-epochs", flush=True)
-    return theta0, plateau
+    out = args.out / "sft_theta0"
+    if not (out / "final" / "model.safetensors").is_file():
+        run_cli("sft.py", ["--ckpt", base, "--out", out, "--epochs", best, "--lr-schedule", "cosine", *data],
+                args.out / "sft_theta0.log")
+    return out / "final", {"val_loss": curve, "theta0_epoch": best, "reached": best < args.sft_epochs,
+                           "theta0_val_loss": val_curve(out)[-1]}
 
 
 def sft_job(args, theta0: Path, lr: float, seed: int) -> dict:
@@ -377,9 +392,10 @@ def fmt(pair: tuple[float, float], digits: int = 3) -> str:
 
 def report(args, plateau: dict, theta0: dict, table: dict, picks: dict, runs: list[dict], seconds: float) -> str:
     curve = plateau["val_loss"]
-    lines = [f"θ0 = SFT epoch {plateau['theta0_epoch']} of {args.sft_epochs} (lowest val loss "
-             f"{curve[plateau['theta0_epoch']]:.4f}; plateau {'reached' if plateau['reached'] else 'NOT reached'}).",
-             "SFT val loss per epoch: " + ", ".join(f"{v:.4f}" for v in curve[1:]), "",
+    lines = [f"SFT at a constant lr {args.sft_lr:g}, val loss per epoch: " + ", ".join(f"{v:.4f}" for v in curve[1:]),
+             f"Lowest after epoch {plateau['theta0_epoch']} of {args.sft_epochs} ({curve[plateau['theta0_epoch']]:.4f}; "
+             f"plateau {'reached' if plateau['reached'] else 'NOT reached'}). θ0 = SFT for "
+             f"{plateau['theta0_epoch']} epochs with a cosine decay: val loss {plateau['theta0_val_loss']:.4f}.", "",
              f"Test set ({args.test_rows} rows), mean ± std over seeds {', '.join(map(str, args.seeds))}; "
              f"* = the arm's pick on val. θ0: log-lik/token {theta0['test']['ll_per_token']:.4f}, "
              f"exact match {theta0['test']['exact_match']:.3f}, margin 0 by definition.", "",
@@ -423,8 +439,10 @@ def plot(path: Path, plateau: dict, theta0: dict, table: dict, picks: dict) -> N
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     curve = plateau["val_loss"]
     axes[0].plot(range(1, len(curve)), curve[1:], marker=".")
-    axes[0].axvline(plateau["theta0_epoch"], color="grey", linestyle="--", label="θ0")
-    axes[0].set(title="SFT: val loss per answer token", xlabel="epoch", yscale="log")
+    axes[0].plot([plateau["theta0_epoch"]], [plateau["theta0_val_loss"]], marker="*", markersize=12,
+                 linestyle="none", label="θ0 (same epochs, lr decayed)")
+    axes[0].axvline(plateau["theta0_epoch"], color="grey", linestyle="--")
+    axes[0].set(title="SFT at a constant lr: val loss / answer token", xlabel="epoch", yscale="log")
     axes[0].legend()
     panels = [("ll_per_token", "test log-lik / answer token"), ("exact_match", "test exact match"),
               ("margin", "test margin vs θ0 (nats)")]
@@ -457,7 +475,8 @@ def main(argv=None) -> int:
     base = make_base(args, rows["train"])
     print(f"1/4 SFT from a random model for {args.sft_epochs} epochs ({args.train_rows} rows)", flush=True)
     theta0, plateau = sft_plateau(args, base)
-    print(f"    θ0 = epoch {plateau['theta0_epoch']} (val loss {plateau['val_loss'][plateau['theta0_epoch']]:.4f})",
+    print(f"    plateau after epoch {plateau['theta0_epoch']} (val loss {plateau['val_loss'][plateau['theta0_epoch']]:.4f}); "
+          f"θ0 = {plateau['theta0_epoch']} epochs with the lr decayed (val loss {plateau['theta0_val_loss']:.4f})",
           flush=True)
     for split in ("val", "test"):
         make_reference(args, theta0, split)
