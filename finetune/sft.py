@@ -13,7 +13,9 @@ Output:
                           (ours: chat_template.{json,jinja}; an HF one: chat_template.jinja +
                           tokenizer_config.json)
     SFT_DIR/config.yaml   the resolved options and backends (--run-config runs it again)
-    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary
+    SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary;
+                      with --val-data, a val_loss line before training and after each epoch
+    SFT_DIR/epoch{k}/     with --save-every-epoch, the model after epoch k (< --epochs)
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ class SFTOptions(FinetuneOptions):
     warmup_ratio: float = opt(0.1, "linear warmup over this share of the steps", minimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay of the matrices", minimum=0)
     seed: int = opt(1234, "seeds the data order")
+    val_data: Path | None = opt(None, "held-out chat rows (.jsonl/.parquet): their mean loss per answer token is "
+                                      "logged as val_loss before training and after every epoch")
+    save_every_epoch: bool = opt(False, "also keep the model after each epoch but the last, as SFT_DIR/epoch{k}")
     log_every: int = opt(1, "log metrics every N optimizer steps", minimum=1)
 
     def problems(self) -> list[str]:
@@ -81,6 +86,29 @@ def n_targets(row) -> int:
     return len(row[1]) - row[1].count(IGNORE_INDEX)
 
 
+@torch.no_grad()
+def held_out_loss(fabric, model, rows, pad_id: int, micro_batch_size: int) -> float:
+    """Mean loss per answer token over `rows` (every rank takes its share, then one all-reduce).
+
+    Every rank runs the same number of forwards, because each FSDP forward all-gathers the
+    weights: a rank whose share has run out feeds one row with zero weight.
+    """
+    world, rank = fabric.world_size, fabric.global_rank
+    sums = torch.zeros(2, dtype=torch.float64, device=fabric.device)   # loss sum, target count
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), micro_batch_size * world):
+        mine = rows[start:start + micro_batch_size * world][rank::world]
+        ids, labels = collate(mine or rows[:1], pad_id, fabric.device)
+        loss = model(ids, targets=labels)
+        if mine:
+            n = sum(n_targets(r) for r in mine)
+            sums += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=sums.device)])
+    model.train(was_training)
+    sums = fabric.all_reduce(sums, reduce_op="sum")
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
 def run(args: SFTOptions) -> Path:
     fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
     # Sharded as it is read: no rank ever holds the whole model (pretrain/sharded_load.py).
@@ -92,6 +120,7 @@ def run(args: SFTOptions) -> Path:
     fabric.print(f"chat template: {template.describe()}")
     examples = read_chat(args.data, limit=args.num_examples)
     rows = tokenize_rows(examples, encoder, max_len)
+    val_rows = tokenize_rows(read_chat(args.val_data), encoder, max_len) if args.val_data else None
     check_batch_sizes(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     steps_per_epoch = len(epoch_batches(len(rows), args.global_batch_size, args.seed, 0))
     total_steps = steps_per_epoch * args.epochs
@@ -118,6 +147,17 @@ def run(args: SFTOptions) -> Path:
     world = fabric.world_size
     step = 0
     bar = tqdm(total=total_steps, desc="sft", disable=fabric.global_rank != 0)
+
+    def validate(epochs_done: int) -> None:
+        if val_rows is None:
+            return
+        with meter.paused():
+            val_loss = held_out_loss(fabric, model, val_rows, tok.pad_id, args.micro_batch_size)
+        logger.log({"val_loss": val_loss, "epochs_done": epochs_done}, step=step)
+        if fabric.global_rank == 0:
+            bar.write(f"after {epochs_done} epoch(s): val_loss {val_loss:.4f} over {len(val_rows)} rows")
+
+    validate(0)
     model.train()
     for epoch in range(args.epochs):
         for batch in epoch_batches(len(rows), args.global_batch_size, args.seed, epoch):
@@ -149,6 +189,12 @@ def run(args: SFTOptions) -> Path:
                 logger.log(metrics, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        if step < (epoch + 1) * steps_per_epoch:
+            break                       # --max-steps ended training inside this epoch
+        validate(epoch + 1)
+        if args.save_every_epoch and epoch + 1 < args.epochs:
+            with meter.paused():
+                save_finetuned(fabric, model, args.out / f"epoch{epoch + 1}", tok, template)
     bar.close()
     out = save_finetuned(fabric, model, args.out / "final", tok, template)
     logger.log({"final": True, **encoder.stats.as_dict(), "rows": len(rows)}, step=step)
