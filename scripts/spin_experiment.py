@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spin-epochs", type=int, default=1, help="epochs over the pairs per SPIN iteration")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="SPIN's decoding (0 = greedy, the paper's setting); also y' of the margin")
+    p.add_argument("--theta0", choices=("annealed", "plateau"), default="annealed",
+                   help="annealed: SFT again for the plateau's epochs with the lr decayed; plateau: the "
+                        "constant-lr checkpoint at the lowest val loss itself")
     p.add_argument("--data-seed", type=int, default=0, help="seeds the rows, tokenizer and initial model")
     p.add_argument("--workers", type=int, default=2, help="training runs at a time (one CPU thread each)")
     args = p.parse_args(argv)
@@ -189,32 +192,36 @@ def val_curve(out: Path) -> list[float]:
 
 
 def sft_plateau(args, base: Path) -> tuple[Path, dict]:
-    """θ0: SFT as long as the held-out loss improves, with its learning rate decayed to the end.
+    """θ0: SFT for as long as the held-out loss improves.
 
     First SFT at a constant lr for --sft-epochs, the val loss after every epoch: the epoch with
-    the lowest is where SFT plateaus (after it, the model memorises the training rows). Then
-    SFT again from the random model for exactly that many epochs with a cosine decay: θ0. The
-    decay matters: a model taken mid-way at a constant lr is not converged, and any arm that
-    continues it with a decaying lr gains from the annealing alone, not from its objective
-    (zephyr-7b-sft-full, the paper's start, was trained with its schedule run to the end).
+    the lowest is where SFT plateaus (after it, the model memorises the training rows).
+    --theta0 plateau takes that epoch's checkpoint. --theta0 annealed (the default) trains SFT
+    again from the random model for exactly that many epochs with a cosine decay: a model taken
+    mid-way at a constant lr is not converged, and any arm that continues it with a decaying lr
+    gains from the annealing alone, not from its objective (zephyr-7b-sft-full, the paper's
+    start, was trained with its schedule run to the end).
     """
     scan = args.out / "sft_plateau_scan"
     data = ["--data", args.out / "train.jsonl", "--val-data", args.out / "val.jsonl", "--lr", args.sft_lr,
             "--warmup-ratio", 0.02, "--seed", args.data_seed, *common_flags()]
     if not (scan / "final" / "model.safetensors").is_file():
         run_cli("sft.py", ["--ckpt", base, "--out", scan, "--epochs", args.sft_epochs, "--lr-schedule", "constant",
-                           *data], args.out / "sft_plateau_scan.log")
+                           "--save-every-epoch", *data], args.out / "sft_plateau_scan.log")
     curve = val_curve(scan)
     best = min(range(1, len(curve)), key=curve.__getitem__)
     if best == args.sft_epochs:
         print(f"warning: the val loss still fell in the last SFT epoch ({curve[-2]:.4f} -> {curve[-1]:.4f}): "
               f"θ0 is not at a plateau; raise --sft-epochs", flush=True)
+    plateau = {"val_loss": curve, "theta0_epoch": best, "reached": best < args.sft_epochs, "theta0": args.theta0}
+    if args.theta0 == "plateau":
+        return (scan / "final" if best == args.sft_epochs else scan / f"epoch{best}"), \
+            plateau | {"theta0_val_loss": curve[best]}
     out = args.out / "sft_theta0"
     if not (out / "final" / "model.safetensors").is_file():
         run_cli("sft.py", ["--ckpt", base, "--out", out, "--epochs", best, "--lr-schedule", "cosine", *data],
                 args.out / "sft_theta0.log")
-    return out / "final", {"val_loss": curve, "theta0_epoch": best, "reached": best < args.sft_epochs,
-                           "theta0_val_loss": val_curve(out)[-1]}
+    return out / "final", plateau | {"theta0_val_loss": val_curve(out)[-1]}
 
 
 def sft_job(args, theta0: Path, lr: float, seed: int) -> dict:
@@ -394,8 +401,10 @@ def report(args, plateau: dict, theta0: dict, table: dict, picks: dict, runs: li
     curve = plateau["val_loss"]
     lines = [f"SFT at a constant lr {args.sft_lr:g}, val loss per epoch: " + ", ".join(f"{v:.4f}" for v in curve[1:]),
              f"Lowest after epoch {plateau['theta0_epoch']} of {args.sft_epochs} ({curve[plateau['theta0_epoch']]:.4f}; "
-             f"plateau {'reached' if plateau['reached'] else 'NOT reached'}). θ0 = SFT for "
-             f"{plateau['theta0_epoch']} epochs with a cosine decay: val loss {plateau['theta0_val_loss']:.4f}.", "",
+             f"plateau {'reached' if plateau['reached'] else 'NOT reached'}). " + (
+                 f"θ0 = SFT for {plateau['theta0_epoch']} epochs with a cosine decay: val loss "
+                 f"{plateau['theta0_val_loss']:.4f}." if plateau["theta0"] == "annealed" else
+                 "θ0 = that epoch's checkpoint (--theta0 plateau)."), "",
              f"Test set ({args.test_rows} rows), mean ± std over seeds {', '.join(map(str, args.seeds))}; "
              f"* = the arm's pick on val. θ0: log-lik/token {theta0['test']['ll_per_token']:.4f}, "
              f"exact match {theta0['test']['exact_match']:.3f}, margin 0 by definition.", "",
@@ -440,7 +449,7 @@ def plot(path: Path, plateau: dict, theta0: dict, table: dict, picks: dict) -> N
     curve = plateau["val_loss"]
     axes[0].plot(range(1, len(curve)), curve[1:], marker=".")
     axes[0].plot([plateau["theta0_epoch"]], [plateau["theta0_val_loss"]], marker="*", markersize=12,
-                 linestyle="none", label="θ0 (same epochs, lr decayed)")
+                 linestyle="none", label=f"θ0 ({plateau['theta0']})")
     axes[0].axvline(plateau["theta0_epoch"], color="grey", linestyle="--")
     axes[0].set(title="SFT at a constant lr: val loss / answer token", xlabel="epoch", yscale="log")
     axes[0].legend()
@@ -464,9 +473,26 @@ def plot(path: Path, plateau: dict, theta0: dict, table: dict, picks: dict) -> N
     plt.close(fig)
 
 
+def check_same_study(args) -> None:
+    """A re-run reuses OUT's finished runs, so it must be the same study: other settings are refused."""
+    path = args.out / "study_args.json"
+    mine = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers")}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in mine.keys() | before.keys() if mine.get(k) != before.get(k))
+        if changed:
+            raise SystemExit(f"error: {path} holds a study with other settings ("
+                             + ", ".join(f"--{k.replace('_', '-')} {before.get(k)} -> {mine.get(k)}" for k in changed)
+                             + "); use another --out")
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
+    check_same_study(args)
     (args.out / "jobs").mkdir(parents=True, exist_ok=True)
     (args.out / "runs").mkdir(exist_ok=True)
     rows = make_rows(args)
@@ -476,8 +502,7 @@ def main(argv=None) -> int:
     print(f"1/4 SFT from a random model for {args.sft_epochs} epochs ({args.train_rows} rows)", flush=True)
     theta0, plateau = sft_plateau(args, base)
     print(f"    plateau after epoch {plateau['theta0_epoch']} (val loss {plateau['val_loss'][plateau['theta0_epoch']]:.4f}); "
-          f"θ0 = {plateau['theta0_epoch']} epochs with the lr decayed (val loss {plateau['theta0_val_loss']:.4f})",
-          flush=True)
+          f"θ0 ({args.theta0}) val loss {plateau['theta0_val_loss']:.4f}", flush=True)
     for split in ("val", "test"):
         make_reference(args, theta0, split)
     theta0_scores = {split: evaluate(theta0, args.out / f"reference_{split}.pt") for split in ("val", "test")}

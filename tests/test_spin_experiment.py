@@ -88,3 +88,7 @@ def test_a_rerun_reuses_finished_runs(quick):
     assert "(4 already done)" in result.stdout
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == first["runs"] and again["theta0"] == first["theta0"]
+
+    other = subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick",
+                            "--theta0", "plateau"], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "--theta0 annealed -> plateau" in other.stderr and "another --out" in other.stderr
