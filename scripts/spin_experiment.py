@@ -467,6 +467,11 @@ def plot(path: Path, plateau: dict, theta0: dict, table: dict, picks: dict) -> N
                         linestyle="-" if entry["arm"] == "spin" else "--",
                         label=name + (" (pick)" if picked else ""))
         ax.set(title=title, xlabel="k (SFT epochs / SPIN iterations) after θ0")
+        if metric == "ll_per_token":
+            # Settings that wreck the model would squash the rest into a line: they are cut off
+            # (their numbers are in results.md).
+            base = theta0["test"][metric]
+            ax.set_ylim(bottom=max(ax.get_ylim()[0], base - 0.25))
     axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
