@@ -10,7 +10,7 @@ Every rank writes RESULT_PREFIX.rankR.pt. Cases:
             placements, the dtypes, the gathered weights of the new load, and the loss and updated weights
             after one identical SGD step on each
     memory  only one way (--old: the old one): this rank's resident memory just before the load,
-            its peak (ru_maxrss) until then and its peak after the load, in bytes
+            its peak (VmHWM) until then and its peak after the load, in bytes
 """
 from __future__ import annotations
 
@@ -78,7 +78,14 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
+    exec from the process that forked us, so under a big pytest process (a whole suite run) it
+    starts above anything the load does."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line (this probe needs Linux)")
 
 
 def case_memory(fabric, args) -> dict:
