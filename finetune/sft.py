@@ -94,7 +94,7 @@ def held_out_loss(fabric, model, rows, pad_id: int, micro_batch_size: int) -> fl
     weights: a rank whose share has run out feeds one row with zero weight.
     """
     world, rank = fabric.world_size, fabric.global_rank
-    sums = torch.zeros(2, dtype=torch.float64, device=fabric.device)   # loss sum, target count
+    loss_sum, count = 0.0, 0
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), micro_batch_size * world):
@@ -103,9 +103,10 @@ def held_out_loss(fabric, model, rows, pad_id: int, micro_batch_size: int) -> fl
         loss = model(ids, targets=labels)
         if mine:
             n = sum(n_targets(r) for r in mine)
-            sums += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=sums.device)])
+            loss_sum, count = loss_sum + float(loss) * n, count + n
     model.train(was_training)
-    sums = fabric.all_reduce(sums, reduce_op="sum")
+    sums = fabric.all_reduce(torch.tensor([loss_sum, count], dtype=torch.float64, device=fabric.device),
+                             reduce_op="sum")
     return float(sums[0] / sums[1].clamp(min=1))
 
 

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
 
 
+def tokenizer_for(which: str, tiny_tokenizer: Path) -> Path:
+    """The tokenizer of a test parametrised over "tiny" and "llama2"; the Llama-2 one is
+    optional (../shared/data), and the test is skipped without it."""
+    if which == "tiny":
+        return tiny_tokenizer
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
+    return LLAMA2_TOKENIZER
+
+
 def load_script(name: str):
     """scripts/<name>.py imported as module `name` (scripts/ is not a package)."""
     import importlib.util

@@ -101,12 +101,10 @@ def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, 
     """An HF directory's template gives transformers' ids; for our template these are also the
     ids of ChatEncoder.conversation_ids, the layout SFT trained on."""
     transformers = pytest.importorskip("transformers")
-    from conftest import LLAMA2_TOKENIZER
+    from conftest import tokenizer_for
     from model.hf import save_hf_tokenizer
 
-    path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER
-    if not path.exists():
-        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
+    path = tokenizer_for(which, tiny_tokenizer)
     jinja = ChatTemplate().jinja() if template == "ours" else ZEPHYR
     save_hf_tokenizer(path, tmp_path, chat_template=jinja)
     tok = Tokenizer(path)

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import LLAMA2_TOKENIZER, require_module
+from conftest import require_module, tokenizer_for
 
 from finetune.chat import ChatEncoder, ChatTemplate, IGNORE_INDEX, read_chat, sft_row
 from finetune.tokenizer import load_tokenizer
@@ -87,9 +87,7 @@ def test_hf_chat_template_gives_our_token_ids(which, tiny_tokenizer, tmp_path):
     transformers = require_module("transformers")
     from model.hf import save_hf_tokenizer
 
-    path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER
-    if not path.exists():
-        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
+    path = tokenizer_for(which, tiny_tokenizer)
     tok, template = load_tokenizer(override=path), ChatTemplate()
     save_hf_tokenizer(path, tmp_path, chat_template=template.jinja())
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)

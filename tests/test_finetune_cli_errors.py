@@ -47,14 +47,18 @@ def ckpts(tmp_path_factory, tiny_tokenizer) -> dict:
             "eos": save_ckpt(root / "eos", tiny_tokenizer, edit=answers_only_eos)}
 
 
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    rows = [{"prompt_id": f"q{i}", "messages": [{"role": "user", "content": f"name {i}"},
-                                                 {"role": "assistant", "content": f"it is {i}"}]}
-            for i in range(24)]
+def write_chat(path: Path, exchanges: list[tuple[str, str]]) -> Path:
+    """A chat .jsonl in the UltraChat layout, one row per (user, assistant) exchange."""
+    rows = [{"prompt_id": f"q{i}", "messages": [{"role": "user", "content": user},
+                                                 {"role": "assistant", "content": answer}]}
+            for i, (user, answer) in enumerate(exchanges)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory) -> Path:
+    return write_chat(tmp_path_factory.mktemp("chat") / "chat.jsonl", [(f"name {i}", f"it is {i}") for i in range(24)])
 
 
 # spin.py flags that fit the tiny model's 128-token context, for cases about something else

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER, require_module
+from conftest import require_module, tokenizer_for
 from test_spin_e2e import chat_file, run_cli  # noqa: F401  (fixture)
 
 from finetune.chat import ChatEncoder, ChatTemplate
@@ -62,9 +62,7 @@ def transformers_ids(hf, messages, add_generation_prompt: bool) -> list[int]:
 @pytest.mark.parametrize("which", ["tiny", "llama2"])
 def test_prompt_and_row_ids_equal_transformers(which, tiny_tokenizer, tmp_path):
     transformers = require_module("transformers")
-    path = tiny_tokenizer if which == "tiny" else LLAMA2_TOKENIZER
-    if not path.exists():
-        pytest.skip("the Llama-2 tokenizer is not in ../shared/data")
+    path = tokenizer_for(which, tiny_tokenizer)
     directory = hf_dir(tmp_path / "hf", path, ZEPHYR)
     tok = Tokenizer(path)
     template = load_chat_template(directory)

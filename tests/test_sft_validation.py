@@ -10,7 +10,7 @@ from finetune.chat import ChatEncoder, ChatTemplate, read_chat
 from finetune.sft import collate, n_targets, tokenize_rows
 from finetune.tokenizer import load_tokenizer
 from model import Llama
-from test_finetune_cli_errors import chat, ckpts, run  # noqa: F401  (the same tiny fixtures)
+from test_finetune_cli_errors import chat, ckpts, run, write_chat  # noqa: F401  (the same tiny fixtures)
 
 
 def val_rows(metrics_file):
@@ -34,12 +34,8 @@ def mean_answer_loss(ckpt, data) -> float:
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     """5 rows: with micro-batches of 2 on 2 ranks, the last round gives rank 1 no row."""
-    path = tmp_path_factory.mktemp("val") / "val.jsonl"
-    rows = [{"prompt_id": f"v{i}", "messages": [{"role": "user", "content": f"name {100 + i}"},
-                                                 {"role": "assistant", "content": f"it is {100 + i}, twice {i}"}]}
-            for i in range(5)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_chat(tmp_path_factory.mktemp("val") / "val.jsonl",
+                      [(f"name {100 + i}", f"it is {100 + i}, twice {i}") for i in range(5)])
 
 
 SFT = ["--epochs", 2, "--global-batch-size", 8, "--micro-batch-size", 2, "--lr", 1e-3, "--kernels", "torch",
