@@ -10,8 +10,9 @@ them from the checkpoint:
     our consolidated dir   each parameter's rows of this rank, read from model.safetensors
                            straight into the shard (model/tensor_file.py: plain reads, no
                            memory map)
-    HF Llama dir           each parameter whole (q/k/v and gate/up are concatenated from
-                           HF's separate tensors), then this rank's rows kept
+    HF Llama/Mistral dir   each parameter whole (q/k/v and gate/up are concatenated from
+                           HF's separate tensors), then this rank's rows kept; a tied model's
+                           one embedding/lm_head parameter is read once, from embed_tokens
     training checkpoint    torch.distributed.checkpoint reads this rank's pieces (it reshards)
 
 So a rank's extra memory while loading is its shards, plus one full parameter at a time from
