@@ -239,3 +239,39 @@ def test_finetuning_refuses_an_unsupported_checkpoint_before_starting(tiny_hf_mo
         err = capsys.readouterr().err
         assert f"{directory / 'config.json'}: unsupported Llama variant: hidden_act='gelu'" in err, err
         assert not out.exists()
+
+
+# ---- import -> SFT -> SPIN -> export ----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama3", "mistral-window"])
+def test_sft_and_spin_keep_the_architecture_through_to_export(tiny_hf_models, tiny_tokenizer, tmp_path, kind,
+                                                             convert_hf):
+    from test_spin_e2e import run_cli
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": f"add {i} {i + 1}", "messages": [
+        {"role": "user", "content": f"add {i} {i + 1}"},
+        {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}"}]}) + "\n" for i in range(16)))
+    start = tmp_path / "hf"
+    shutil.copytree(tiny_hf_models[kind], start)
+    shutil.copyfile(tiny_tokenizer, start / "tokenizer.model")
+    r = run_cli("sft.py", "--ckpt", start, "--data", chat, "--out", tmp_path / "sft", "--max-steps", 2,
+                "--global-batch-size", 4, "--micro-batch-size", 4, "--lr", 1e-3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("spin.py", "--ckpt", tmp_path / "sft" / "final", "--data", chat, "--out", tmp_path / "spin",
+                "--iterations", 1, "--num-prompts", 8, "--max-new-tokens", 4, "--max-prompt-len", 24,
+                "--max-len", 48, "--gen-batch-size", 8, "--global-batch-size", 8, "--micro-batch-size", 4,
+                "--epochs", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = tmp_path / "spin" / "iter1"
+    ours = Llama.load(final, kernels="torch")
+    assert ours.config == Llama.load(tmp_path / "sft" / "final").config == load_hf(start).config
+    assert convert_hf.main(["export", "--ckpt", str(final), "--out", str(tmp_path / "export")]) == 0
+    original, back = hf_model(start), hf_model(tmp_path / "export")
+    assert type(back) is type(original)
+    assert back.config.tie_word_embeddings == original.config.tie_word_embeddings
+    assert getattr(back.config, "sliding_window", None) == getattr(original.config, "sliding_window", None)
+    x = tokens(seed=3)
+    with torch.no_grad():
+        assert max_diff(back(x).logits, ours(x)) <= 1e-5
+        assert max_diff(back(x).logits, original(x).logits) > 1e-4  # training changed the weights
