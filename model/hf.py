@@ -217,6 +217,15 @@ def tensor_from_hf(name: str, hf, source: str = "HF checkpoint") -> torch.Tensor
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
+def check_tie(hf, config: Config, embedding: torch.Tensor, source: str) -> None:
+    """A tied checkpoint may store lm_head.weight too: the same values are the one tied matrix;
+    different ones are refused (transformers 4 ties them, using the embedding; 5 unties them)."""
+    if config.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], embedding):
+        raise ValueError(f"{source}: tie_word_embeddings is true but the weights hold an lm_head.weight that "
+                         f"differs from model.embed_tokens.weight; set tie_word_embeddings to false to use "
+                         f"both, or remove lm_head.weight to tie them")
+
+
 def state_dict_from_hf(hf: dict, config: Config, source: str = "HF checkpoint") -> dict:
     return {name: tensor_from_hf(name, hf, source) for name in our_names(config)}
 
@@ -294,6 +303,7 @@ def load_hf(directory: str | os.PathLike, device="cpu", dtype: torch.dtype | Non
     config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
     hf_state = _read_hf_tensors(directory)
     state = state_dict_from_hf(hf_state, config, source=str(directory))
+    check_tie(hf_state, config, state["embed.weight"], source=str(config_path))
     if config.vocab_size != state["embed.weight"].shape[0]:
         raise ValueError(f"{config_path}: vocab_size {config.vocab_size} but embed_tokens has "
                          f"{state['embed.weight'].shape[0]} rows")

@@ -118,6 +118,8 @@ def _fill_from_hf(model: nn.Module, directory: Path, config: Config) -> None:
         if name == "embed.weight" and full.shape[0] != config.vocab_size:
             raise ValueError(f"{directory / CONFIG_FILE}: vocab_size {config.vocab_size} but embed_tokens has "
                              f"{full.shape[0]} rows")
+        if name == "embed.weight":
+            hf.check_tie(tensors, config, full, source=str(directory / CONFIG_FILE))
         _check_shape(name, full.shape, param, config, source)
         start, stop = local_rows(param)
         local = param.to_local() if isinstance(param, DTensor) else param

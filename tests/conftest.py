@@ -164,11 +164,12 @@ TINY_HF_BASE = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hi
                     initializer_range=0.1)  # larger than HF's 0.02, so attention is far from uniform
 TINY_HF_MODELS = {
     # Llama-3.2-style: tied, rope_type llama3, head_dim 16 where hidden/heads is 12. With theta
-    # 500000 and an original context of 64 its 8 frequencies fall in all three llama3 bands.
+    # 500000 and an original context of 48 its 8 frequencies fall in all three llama3 bands
+    # (wavelengths 6.3 < 48/4: kept; 32.4: interpolated; 167 and longer > 48/1: divided by 8).
     "llama3": ("LlamaForCausalLM", dict(
         tie_word_embeddings=True, head_dim=16,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 48})),
     "linear-rope": ("LlamaForCausalLM", dict(
         tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
     "mistral": ("MistralForCausalLM", dict(sliding_window=None, tie_word_embeddings=False)),

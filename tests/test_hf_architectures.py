@@ -62,7 +62,7 @@ def test_import_reads_what_each_checkpoint_declares(tiny_hf_models):
     assert (llama3.architecture, llama3.tie_embeddings, llama3.head_dim, llama3.n_kv_head) == \
         ("LlamaForCausalLM", True, 16, 2)
     assert (llama3.rope_type, llama3.rope_base, llama3.rope_factor, llama3.rope_low_freq_factor,
-            llama3.rope_high_freq_factor, llama3.rope_original_context) == ("llama3", 500000.0, 8.0, 1.0, 4.0, 64)
+            llama3.rope_high_freq_factor, llama3.rope_original_context) == ("llama3", 500000.0, 8.0, 1.0, 4.0, 48)
     assert (config("linear-rope").rope_type, config("linear-rope").rope_factor) == ("linear", 4.0)
     assert (config("mistral").architecture, config("mistral").sliding_window) == ("MistralForCausalLM", None)
     assert config("mistral-window").sliding_window == 6
@@ -88,6 +88,29 @@ def test_the_tie_is_one_parameter_after_import(tiny_hf_models):
     assert model.lm_head.weight is model.embed.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
     assert model.num_params() == model.config.num_params == hf_model(tiny_hf_models["llama3"]).num_parameters()
+
+
+@torch.no_grad()
+def test_a_tied_checkpoint_that_also_stores_lm_head(tiny_hf_models, tmp_path, convert_hf, capsys):
+    """The same values: one tied matrix. Different ones: transformers 4 tied them (using the
+    embedding), 5 unties them, so which model is meant is unclear: refused, naming the field."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "both"
+    shutil.copytree(tiny_hf_models["llama3"], directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    ours = load_hf(directory, kernels="torch")
+    assert ours.lm_head.weight is ours.embed.weight
+    assert max_diff(ours(tokens()), hf_model(directory)(tokens()).logits) <= 1e-5
+
+    weights["lm_head.weight"] += 1
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    assert convert_hf.main(["import", "--hf", str(directory), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{directory / 'config.json'}: tie_word_embeddings is true but" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- both spellings of RoPE in config.json -----------------------------------------------------

@@ -124,3 +124,29 @@ def test_the_tie_survives_a_meta_build_materialised_and_cast():
     model = model.to(torch.bfloat16)
     assert model.lm_head.weight is model.embed.weight
     assert len(list(model.parameters())) == 2 * 6 + 2
+
+
+def test_a_tied_config_refuses_an_lm_head_that_differs():
+    from tied_probe import CONFIG
+
+    state = Llama(CONFIG, kernels="torch").state_dict()
+    state = {**state, "lm_head.weight": state["embed.weight"] + 1}
+    with pytest.raises(ValueError, match="ties the embeddings .*lm_head.weight differs from embed.weight"):
+        Llama.from_state_dict(CONFIG, state, source="weights.safetensors")
+
+
+def test_the_sharded_load_refuses_a_tied_checkpoint_whose_lm_head_differs(tiny_hf_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.sharded_load import _fill_from_hf, read_model_config
+
+    directory = tmp_path / "both"
+    shutil.copytree(tiny_hf_models["llama3"], directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config = read_model_config(directory)
+    with pytest.raises(ValueError, match="tie_word_embeddings is true but the weights hold an lm_head.weight"):
+        _fill_from_hf(Llama(config, kernels="torch"), directory, config)
