@@ -125,3 +125,19 @@ def test_tokenizer_larger_than_the_embedding_is_refused(hf_tokenizers, tmp_path)
                            input="hi\n", capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "has 600 tokens but the model's vocab_size is 512" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_checkpoints_carry_the_tokenizer_files(hf_tokenizers, tiny_tokenizer, tmp_path):
+    """Pretraining's and finetuning's checkpoints copy the tokenizer's files under their names."""
+    from model import Config, Llama
+    from pretrain.checkpoint import write_consolidated
+
+    model = Llama(Config.from_name("tiny", vocab_size=600), kernels="torch")
+    for name, source in (("json", hf_tokenizers["llama3"]), ("spm", tiny_tokenizer)):
+        out = write_consolidated(model, tmp_path / name, tokenizer=source)
+        copied = {p.name for p in out.iterdir()} - {"config.json", "model.safetensors"}
+        expected = set(tokenizer_files(source))
+        assert copied == expected == ({"tokenizer.model"} if name == "spm" else
+                                      {"tokenizer.json", "tokenizer_config.json", "generation_config.json"})
+        tok, original = load_tokenizer(out, model_vocab_size=600), Tokenizer(source)
+        assert (tok.sha256, tok.stop_ids, tok.prefix_ids) == (original.sha256, original.stop_ids, original.prefix_ids)
