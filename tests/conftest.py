@@ -185,7 +185,7 @@ MULTI_BYTE = "naïve café 日本語 ✓ 😀 émoji Ωmega"
 def train_byte_bpe(vocab_size: int = 600):
     """A byte-level BPE `tokenizers.Tokenizer` (GPT-2/SmolLM2 style) trained on synthetic text,
     with BPE_SPECIALS as special added tokens (ids 0..10)."""
-    tokenizers = require_module("tokenizers")
+    import tokenizers  # an install requirement (data_prep/tokenizer.py), not a test extra
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import require_module
 from test_data_prep import cli, shard_bytes, slimpajama, starcoder, tokenize  # noqa: F401  (fixtures)
 
 from data_prep import iter_documents, list_shards, read_header, read_shard
@@ -56,7 +55,7 @@ def test_tokenizer_json_shards_end_documents_with_the_chosen_eos(slimpajama, hf_
 
 
 def test_vocabulary_beyond_uint16_with_added_tokens(starcoder, hf_tokenizers, tmp_path):  # noqa: F811
-    tokenizers = require_module("tokenizers")
+    import tokenizers
     big = shutil.copytree(hf_tokenizers["chatml"], tmp_path / "big")
     backend = tokenizers.Tokenizer.from_file(str(big / "tokenizer.json"))
     backend.add_tokens([f"<extra_{i}>" for i in range(70_000)])
