@@ -17,6 +17,7 @@ setup(
         "lightning>=2.4",
         "PyYAML>=6",  # OUT/config.yaml (pretrain/options.py)
         "sentencepiece>=0.2",
+        "tokenizers>=0.21",  # HF tokenizer.json (data_prep/tokenizer.py); encode_batch_fast
         "numpy>=1.24",
         "zstandard>=0.22",
         "pyarrow>=14",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data_prep.errors import DataPrepError
 from data_prep.pipeline import DEFAULT_SHARD_TOKENS, Job, run
-from data_prep.tokenizer import DTYPE_CHOICES
+from data_prep.tokenize_file import DTYPE_CHOICES
 
 
 def _positive_int(text: str) -> int:
@@ -28,7 +28,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="root of the data set")
     p.add_argument("--output", required=True, type=Path,
                    help="output directory for this source (and split): shards + summary.json")
-    p.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", required=True, type=Path, help="a sentencepiece .model, an HF tokenizer.json, "
+                   "or a directory holding one (with its tokenizer_config.json)")
+    p.add_argument("--eos-token", help="the token that ends each document (default: the tokenizer's eos_token; "
+                   "e.g. '<|endoftext|>' for a chat tokenizer whose eos_token is its end-of-turn <|im_end|>)")
     p.add_argument("--workers", type=_positive_int, default=_default_workers(),
                    help="tokenizer processes (input files are tokenized in parallel)")
     p.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS,
@@ -44,7 +47,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def main(source: str, args: argparse.Namespace, split: str | None = None) -> int:
     job = Job(source=source, input_root=args.input, output=args.output, tokenizer=args.tokenizer,
               split=split, workers=args.workers, shard_tokens=args.shard_tokens, skip_bad=args.skip_bad,
-              dtype=args.dtype, progress=not args.no_progress)
+              dtype=args.dtype, progress=not args.no_progress, eos_token=args.eos_token)
     try:
         summary = run(job)
     except DataPrepError as e:

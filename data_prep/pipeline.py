@@ -30,9 +30,8 @@ from tqdm import tqdm
 from data_prep import run_state, shards, slimpajama, starcoder
 from data_prep.errors import DataPrepError
 from data_prep.run_state import SUMMARY_NAME, WORK_DIR_NAME
-from data_prep.tokenize_file import (init_worker, stats_path, token_path, tokenize_file,
-                                     write_json_atomic)
-from data_prep.tokenizer import Tokenizer, load_tokenizer
+from data_prep.tokenize_file import (DocumentTokenizer, init_worker, load_document_tokenizer, stats_path,
+                                     token_path, tokenize_file, write_json_atomic)
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB uint16 shards: ~10k files for TinyLlama's 950B tokens
 FINDERS = {"slimpajama": slimpajama.find_inputs, "starcoder": starcoder.find_inputs}
@@ -55,6 +54,7 @@ class Job:
     skip_bad: bool = False
     dtype: str = "auto"
     progress: bool = True
+    eos_token: str | None = None  # the token that ends each document; None: the tokenizer's EOS
 
     @property
     def prefix(self) -> str:
@@ -68,7 +68,7 @@ def run(job: Job) -> dict:
         raise DataPrepError(f"--workers must be at least 1, got {job.workers}")
     if job.shard_tokens < 1:
         raise DataPrepError(f"--shard-tokens must be at least 1, got {job.shard_tokens}")
-    tokenizer = load_tokenizer(job.tokenizer, job.dtype)
+    tokenizer = load_document_tokenizer(job.tokenizer, job.dtype, job.eos_token)
     root, out = Path(job.input_root), Path(job.output)
     files = FINDERS[job.source](root, job.split)
     inputs = [[f.relative_to(root).as_posix(), f.stat().st_size] for f in files]
@@ -123,7 +123,7 @@ def _remove_leftovers(work: Path, state: dict) -> None:
         stats_path(work, index).unlink(missing_ok=True)
 
 
-def _tokenize_and_pack(job: Job, tokenizer: Tokenizer, files: list[Path], work: Path, state: dict) -> None:
+def _tokenize_and_pack(job: Job, tokenizer: DocumentTokenizer, files: list[Path], work: Path, state: dict) -> None:
     first = state["next_input"]
     packer = ShardPacker(work, job.prefix, job.shard_tokens, tokenizer, state)
     context = multiprocessing.get_context("spawn")  # safe with threads, same on every OS
@@ -161,7 +161,7 @@ def _tokenize_and_pack(job: Job, tokenizer: Tokenizer, files: list[Path], work: 
     bar.close()
 
 
-def _cached_stats(work: Path, index: int, state: dict, tokenizer: Tokenizer, skip_bad: bool) -> dict | None:
+def _cached_stats(work: Path, index: int, state: dict, tokenizer: DocumentTokenizer, skip_bad: bool) -> dict | None:
     """Counts of an input tokenized by an earlier (interrupted) run, if still valid."""
     path = stats_path(work, index)
     if not path.exists():
@@ -182,7 +182,7 @@ def _cached_stats(work: Path, index: int, state: dict, tokenizer: Tokenizer, ski
 class ShardPacker:
     """Cuts the token stream of the inputs, taken in order, into shards of `shard_tokens`."""
 
-    def __init__(self, work: Path, prefix: str, shard_tokens: int, tokenizer: Tokenizer, state: dict):
+    def __init__(self, work: Path, prefix: str, shard_tokens: int, tokenizer: DocumentTokenizer, state: dict):
         self.work, self.prefix, self.tokenizer, self.state = work, prefix, tokenizer, state
         self.buffer = np.empty(shard_tokens, dtype=tokenizer.dtype)  # pages are touched only as filled
         self.filled = 0
@@ -247,7 +247,7 @@ def _publish(out: Path, work: Path, state: dict) -> None:
     run_state.fsync_dir(out)
 
 
-def _summary(job: Job, tokenizer: Tokenizer, state: dict, settings: dict, inputs: list[list],
+def _summary(job: Job, tokenizer: DocumentTokenizer, state: dict, settings: dict, inputs: list[list],
              resumed: bool, seconds: float) -> dict:
     totals = state["totals"]
     return {

@@ -5,7 +5,8 @@ Data: UltraChat-200k as users have it on disk, `.jsonl` or `.parquet`, rows
 By default the first user turn and the assistant answer that follows it are used.
 
 Template: small sentencepiece tokenizers have no chat special tokens, and text such as
-"</s>" is not parsed back into EOS, so the template is applied to token ids, not text:
+"</s>" is not parsed back into EOS, so the template is applied to token ids, not text
+(BOS where the tokenizer has one; EOS is the answer's end-of-turn token):
 
     prompt_ids   = [BOS] + enc(user_header) + enc(prompt) + enc(assistant_header)
     response_ids = enc(response) + [EOS]
@@ -16,7 +17,8 @@ and generation starts from exactly the same `prompt_ids` that SFT and SPIN train
 The template (header strings) is saved beside every checkpoint as chat_template.json, with
 an equivalent Jinja string in chat_template.jinja for the HF export (scripts/convert_hf.py).
 HF's tokenizer applied to the rendered Jinja text gives nearly, not always exactly, the
-same ids (it encodes the whole string at once); our ids come from this module.
+same ids (it encodes the whole string at once); our ids come from this module. The template
+has no system turn: a system message is not part of it.
 
 A checkpoint that brings its own Hugging Face chat template (TinyLlama-Chat, zephyr) is
 trained and prompted with that one instead: finetune/hf_chat.py.
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from model.atomic import write_text
-from finetune.tokenizer import Tokenizer
+from data_prep.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
 JINJA_FILE = "chat_template.jinja"
@@ -41,18 +43,20 @@ class ChatTemplate:
     user_header: str = "<|user|>\n"
     assistant_header: str = "\n<|assistant|>\n"
 
-    def jinja(self) -> str:
+    def jinja(self, prefix_space: bool = True) -> str:
         """The same layout as a transformers chat template, giving the same token ids.
 
-        We encode header, prompt, header and response as separate sentencepiece calls, and
-        each call starts with sentencepiece's dummy-prefix space; HF tokenizes the rendered
-        string in one go and adds no space after BOS. A space before each segment in the
-        rendered text reproduces our ids exactly (tests/test_finetune_chat.py checks it).
+        We encode header, prompt, header and response as separate calls. With sentencepiece
+        (`prefix_space`: the tokenizer's dummy prefix) each call starts with a space; HF
+        tokenizes the rendered string in one go and adds no space after BOS. A space before
+        each segment in the rendered text reproduces our ids exactly (tests/test_finetune_chat.py
+        checks it). A byte-level BPE tokenizer adds no space, so none is written for it.
         """
         u, a = json.dumps(self.user_header), json.dumps(self.assistant_header)
+        sp = "' ' + " if prefix_space else ""
         return ("{{ bos_token }}{% for message in messages %}"
-                "{% if message['role'] == 'user' %}{{ ' ' + " + u + " + ' ' + message['content'] + ' ' + " + a + " }}"
-                "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ " + sp + u + " + " + sp + "message['content'] + " + sp + a + " }}"
+                "{% elif message['role'] == 'assistant' %}{{ " + sp + "message['content'] + eos_token }}{% endif %}"
                 "{% endfor %}")
 
     def describe(self) -> str:
@@ -62,11 +66,11 @@ class ChatTemplate:
         """Changes when the template changes (SPIN's run_args.json)."""
         return "ours " + json.dumps(asdict(self), sort_keys=True)
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, prefix_space: bool = True) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_text(directory / TEMPLATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
-        write_text(directory / JINJA_FILE, self.jinja())
+        write_text(directory / JINJA_FILE, self.jinja(prefix_space))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ChatTemplate":
@@ -170,10 +174,25 @@ class ChatEncoder:
     tokenizer: Tokenizer
     template: ChatTemplate = field(default_factory=ChatTemplate)
     stats: TruncationStats = field(default_factory=TruncationStats)
+    system: str | None = None  # a system message before every prompt: HF templates only
 
     def __post_init__(self):
-        self._head = [self.tokenizer.bos_id] + self.tokenizer.encode(self.template.user_header)
+        if self.system is not None:
+            raise ValueError(f"the chat template {self.template.describe()} has no system turn; a system "
+                             f"message needs a checkpoint whose HF chat template has one")
+        self._bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        self._head = self._bos + self.tokenizer.encode(self.template.user_header)
         self._tail = self.tokenizer.encode(self.template.assistant_header)
+
+    @property
+    def end_of_turn(self) -> int:
+        """The token that closes an answer: the last trained token, where generation stops."""
+        return self.tokenizer.eos_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Generation stops on any of these: the end-of-turn token and the tokenizer's stop ids."""
+        return tuple(dict.fromkeys((self.end_of_turn, *self.tokenizer.stop_ids)))
 
     def prompt_parts(self, prompt: str) -> tuple[list[int], list[int], list[int]]:
         """(template head, the prompt's tokens, template tail) of the untruncated prompt."""
@@ -201,10 +220,11 @@ class ChatEncoder:
         (user, assistant) turn laid out as in training (the answer closed by EOS), then `prompt`
         between the headers. With no earlier turns this is `prompt_ids` (uncut); the layout is
         the one chat_template.jinja renders for a list of messages."""
-        ids = [self.tokenizer.bos_id]
+        ids = list(self._bos)
+        head = self._head[len(self._bos):]
         for user, answer in turns:
-            ids += self._head[1:] + self.tokenizer.encode(user) + self._tail + self.response_ids(answer)
-        return ids + self._head[1:] + self.tokenizer.encode(prompt) + self._tail
+            ids += head + self.tokenizer.encode(user) + self._tail + self.response_ids(answer)
+        return ids + head + self.tokenizer.encode(prompt) + self._tail
 
     def response_ids(self, response: str) -> list[int]:
         return self.tokenizer.encode(response) + [self.tokenizer.eos_id]

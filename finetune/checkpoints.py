@@ -1,9 +1,12 @@
 """Loading a starting checkpoint (weights + tokenizer + chat template) and saving a finetuned one.
 
 A finetuned checkpoint directory is self-contained: config.json + model.safetensors (our
-consolidated format), tokenizer.model, and the chat template it was trained with: ours
+consolidated format), the tokenizer's files as they came (tokenizer.model or tokenizer.json,
+with tokenizer_config.json, special_tokens_map.json and generation_config.json when it has
+them; data_prep/tokenizer.py), and the chat template it was trained with: ours
 (chat_template.json + chat_template.jinja) or the HF template --ckpt brought
-(chat_template.jinja + tokenizer_config.json, finetune/conversation.py `HFChatTemplate`).
+(chat_template.jinja + its special tokens in tokenizer_config.json, finetune/conversation.py
+`HFChatTemplate`).
 """
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
 from finetune.chat import ChatTemplate
 from finetune.conversation import HFChatTemplate, load_chat_template
-from pretrain.checkpoint import load_model_from_any, save_consolidated
-from finetune.tokenizer import Tokenizer, load_tokenizer
-from pretrain.checkpoint import resolve_model_dir
+from model.atomic import write_text
+from pretrain.checkpoint import load_model_from_any, resolve_model_dir, save_consolidated
 
 
 def load_start(ckpt, tokenizer=None, kernels: str = "auto", fabric=None, weights: bool = True):
@@ -51,7 +54,26 @@ def save_finetuned(fabric, model, directory, tok: Tokenizer, template: ChatTempl
 
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as tmp:
-        template.save(tmp)
+        save_tokenizer_and_template(tok, template, tmp)
         extra = {path.name: path for path in Path(tmp).iterdir()}
-        save_consolidated(fabric, model, directory, tokenizer=tok.path, extra_files=extra)
+        save_consolidated(fabric, model, directory, extra_files=extra)
     return directory
+
+
+def save_tokenizer_and_template(tok: Tokenizer, template: ChatTemplate | HFChatTemplate, directory) -> None:
+    """The tokenizer's files, then the template: its files, and (an HF one) its special tokens
+    merged into tokenizer_config.json. A chat_template the tokenizer's own tokenizer_config.json
+    held is dropped from it: the template trained with is the one saved."""
+    import json
+
+    directory = Path(directory)
+    tok.save(directory)
+    config = directory / CONFIG_FILE
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("chat_template", None) is not None:
+            write_text(config, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if isinstance(template, ChatTemplate):
+        template.save(directory, prefix_space=tok.adds_prefix_space)
+    else:
+        template.save(directory)

@@ -6,13 +6,20 @@ A conversation is rendered with the checkpoint's own template, found in this ord
    (finetune/chat.py's `ChatEncoder.conversation_ids`, exact token ids);
 2. an HF directory's Jinja chat template (`chat_template` in tokenizer_config.json, or a
    chat_template.jinja file): rendered to text the way transformers renders it, then
-   tokenized the way transformers' Llama tokenizer does (special-token strings such as
-   "<s>" and "</s>" become their ids; only text at the very start gets sentencepiece's
-   leading space). SFT and SPIN train with this template too (finetune/hf_chat.py) and
-   save it beside their checkpoints as chat_template.jinja + tokenizer_config.json
-   (`HFChatTemplate`), so their outputs are found here as well;
+   tokenized the way transformers' apply_chat_template does (`Tokenizer.encode_chat`:
+   special-token strings such as "<s>", "<|im_end|>" or "<|eot_id|>" become their ids).
+   SFT and SPIN train with this template too (finetune/hf_chat.py) and save it beside their
+   checkpoints as chat_template.jinja + tokenizer_config.json (`HFChatTemplate`), so their
+   outputs are found here as well;
 3. neither (a pretrained base model): the project's default template, and the caller is
    told so (`ChatFormat.is_default`).
+
+Each format knows its end-of-turn token (the special token the template writes right after
+an answer: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3, EOS for zephyr and ours) and
+its `stop_ids` (that token and the tokenizer's EOS ids): generation stops on any of them.
+A Jinja template whose generation prompt is not the start of the assistant's turn (one that
+ignores add_generation_prompt) is refused: the model would be asked to go on with the
+user's turn.
 
 `Conversation` keeps the turns and, when the next prompt would not fit, drops the oldest
 turns first.
@@ -21,31 +28,46 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.tokenizer import CONFIG_FILE as HF_TOKENIZER_CONFIG
+from data_prep.tokenizer import Tokenizer, token_text
 from finetune.chat import JINJA_FILE, TEMPLATE_FILE, ChatEncoder, ChatTemplate
-from finetune.tokenizer import Tokenizer
 from model.atomic import write_text
 
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+# Rendered once when a format is made: it finds the end-of-turn token and checks the
+# generation prompt (and, for training, that the template splits at a token boundary).
+PROBE = ("What is two plus two?", "Two plus two is four.")
 
 
 class TemplateFormat:
     """Our template (finetune/chat.py), applied to token ids."""
+    supports_system = False
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, source: str, is_default: bool = False):
         self.encoder = ChatEncoder(tokenizer, template)
         self.source, self.is_default = source, is_default
+        self.end_of_turn, self.stop_ids = self.encoder.end_of_turn, self.encoder.stop_ids
 
-    def ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
+    def ids(self, turns: list[tuple[str, str]], prompt: str, system: str | None = None) -> list[int]:
+        if system is not None:
+            raise ValueError(f"{self.source}: the project's chat template has no system turn")
         return self.encoder.conversation_ids(turns, prompt)
 
 
+def messages_of(turns: list[tuple[str, str]], prompt: str | None, system: str | None = None) -> list[dict]:
+    """HF-style messages: the system message (if any), the (user, assistant) turns, `prompt`."""
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    for user, answer in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages + ([] if prompt is None else [{"role": "user", "content": prompt}])
+
+
 class JinjaFormat:
-    """An HF chat template: Jinja rendered to text, text to ids as transformers' Llama tokenizer does."""
+    """An HF chat template: Jinja rendered to text, text to ids as transformers does."""
     is_default = False
+    supports_system = True
 
     def __init__(self, tokenizer: Tokenizer, template: str, special_tokens: dict[str, str],
                  special_ids: dict[str, int], source: str):
@@ -58,15 +80,12 @@ class JinjaFormat:
             self.template = _jinja_env().from_string(template)
         except TemplateError as e:
             raise ValueError(f"{source}: the chat template is not valid Jinja ({e})") from e
-        self._specials = re.compile("|".join(re.escape(s) for s in sorted(special_ids, key=len, reverse=True)))
-        self._no_prefix = _without_dummy_prefix(tokenizer)
+        self.end_of_turn = self._check_probe()
+        stops = [] if self.end_of_turn is None else [self.end_of_turn]
+        self.stop_ids = tuple(dict.fromkeys((*stops, *tokenizer.stop_ids)))
 
-    def render(self, turns: list[tuple[str, str]], prompt: str) -> str:
-        messages = []
-        for user, answer in turns:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": prompt})
-        return self.render_messages(messages, add_generation_prompt=True)
+    def render(self, turns: list[tuple[str, str]], prompt: str, system: str | None = None) -> str:
+        return self.render_messages(messages_of(turns, prompt, system), add_generation_prompt=True)
 
     def render_messages(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template's text for `messages`, as transformers' apply_chat_template(tokenize=False)."""
@@ -78,32 +97,43 @@ class JinjaFormat:
         except TemplateError as e:
             raise ValueError(f"{self.source}: the chat template failed to render ({e})") from e
 
-    def encode(self, text: str) -> list[int]:
-        ids, pos = [], 0
-        for match in self._specials.finditer(text):
-            ids += self._encode_text(text[pos:match.start()], at_start=pos == 0)
-            ids.append(self.special_ids[match.group()])
-            pos = match.end()
-        return ids + self._encode_text(text[pos:], at_start=pos == 0)
+    def _check_probe(self) -> int | None:
+        """The end-of-turn token (None when the template writes no special token after an
+        answer); refuses a template whose generation prompt is not the assistant turn's start."""
+        prompt, answer = PROBE
+        prompt_text = self.render_messages(messages_of([], prompt), True)
+        row_text = self.render_messages(messages_of([(prompt, answer)], None), False)
+        at = row_text.rfind(answer)
+        if at < 0:
+            raise ValueError(f"{self.source}: the chat template does not write the assistant's message: rendered, "
+                             f"the answer {answer!r} is not in {row_text!r}")
+        # Whitespace may separate the generation prompt from the answer (ours writes a space).
+        if not row_text[:at].startswith(prompt_text) or row_text[len(prompt_text):at].strip():
+            raise ValueError(f"{self.source}: the chat template has no generation prompt: with "
+                             f"add_generation_prompt=True it renders {prompt_text[-60:]!r}, but the assistant's turn "
+                             f"begins {row_text[max(at - 60, 0):at]!r}; generation would go on from the user's turn. "
+                             f"Fix: write the start of the assistant's turn inside "
+                             f"{{% if add_generation_prompt %}}...{{% endif %}} at the end of the template")
+        special = self.tokenizer.special_ids | set(self.special_ids.values())
+        after = self.encode(row_text[at + len(answer):])
+        return next((i for i in after if i in special), None)
 
-    def _encode_text(self, text: str, at_start: bool) -> list[int]:
-        if not text:
-            return []
-        # Only the text at offset 0 gets the leading "▁"; text after a special token does not.
-        return self.tokenizer.encode(text) if at_start else self._no_prefix.encode(text)
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode_chat(text, self.special_ids)
 
     def chat_ids(self, text: str) -> list[int]:
-        """A rendered conversation's ids, starting with BOS even where the template writes none
-        (zephyr, TinyLlama-Chat). Those models were trained on the rendered text tokenized with
-        the tokenizer's BOS added (alignment-handbook, TRL and SPIN's code; HF's pipeline adds it
-        too); apply_chat_template(tokenize=True) alone leaves it out. A template that writes BOS
-        keeps exactly one."""
+        """A rendered conversation's ids, starting with the tokenizer's BOS (when it adds one to
+        a text) even where the template writes none (zephyr, TinyLlama-Chat). Those models were
+        trained on the rendered text tokenized with the tokenizer's BOS added (alignment-handbook,
+        TRL and SPIN's code; HF's pipeline adds it too); apply_chat_template(tokenize=True) alone
+        leaves it out. A template that writes BOS (Llama-3) keeps exactly one; a tokenizer that
+        adds none (SmolLM2) gets none."""
         ids = self.encode(text)
-        bos = self.tokenizer.bos_id
-        return ids if ids[:1] == [bos] else [bos] + ids
+        prefix = self.tokenizer.prefix_ids
+        return ids if ids[:len(prefix)] == prefix else prefix + ids
 
-    def ids(self, turns: list[tuple[str, str]], prompt: str) -> list[int]:
-        return self.chat_ids(self.render(turns, prompt))
+    def ids(self, turns: list[tuple[str, str]], prompt: str, system: str | None = None) -> list[int]:
+        return self.chat_ids(self.render(turns, prompt, system))
 
 
 def _jinja_env():
@@ -124,24 +154,6 @@ def _jinja_env():
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     return env
-
-
-def _without_dummy_prefix(tokenizer: Tokenizer):
-    """The same sentencepiece model, but without the leading space it adds to every text."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.path.read_bytes())
-    proto.normalizer_spec.add_dummy_prefix = False
-    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-
-
-def _token_text(value) -> str | None:
-    """A special token in tokenizer_config.json: a string or {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
 
 
 def _hf_chat_template(directory: Path) -> tuple[str, str, dict] | None:
@@ -166,28 +178,27 @@ def _hf_chat_template(directory: Path) -> tuple[str, str, dict] | None:
 
 
 def _jinja_format(tokenizer: Tokenizer, template: str, source: str, config: dict) -> JinjaFormat:
-    sp = tokenizer.sp
-    pieces = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id)}
-    if sp.unk_id() >= 0:
-        pieces["unk_token"] = sp.id_to_piece(sp.unk_id())
+    """The template with the special tokens its directory names, each checked against `tokenizer`
+    (from --tokenizer, it may not be the directory's own)."""
+    pieces = dict(tokenizer.special_tokens)
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        text = _token_text(config.get(name))
+        text = token_text(config.get(name))
         if text is not None:
             pieces[name] = text
     special_ids = {}
     for name, text in pieces.items():
-        token_id = sp.piece_to_id(text)
-        if token_id == sp.unk_id() and text != sp.id_to_piece(sp.unk_id()):
+        token_id = tokenizer.token_to_id(text)
+        if token_id is None:
             raise ValueError(f"{source}: {name} {text!r} is not a piece of tokenizer {tokenizer.path}; "
                              f"the tokenizer does not belong to this directory")
         special_ids[text] = token_id
     for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        text = _token_text(entry)
+        text = token_text(entry)
         if text is None or text in special_ids:
             continue
-        if int(key) >= tokenizer.vocab_size or sp.piece_to_id(text) != int(key):
+        if not str(key).isdigit() or tokenizer.token_to_id(text) != int(key):
             raise ValueError(f"{source}: added token {text!r} (id {key}) is not in tokenizer {tokenizer.path}; "
-                             f"tokens added on top of tokenizer.model are not supported")
+                             f"tokens added on top of the tokenizer file are not supported")
         special_ids[text] = int(key)
     return JinjaFormat(tokenizer, template, pieces, special_ids, source)
 
@@ -214,10 +225,15 @@ class HFChatTemplate:
         return "hf sha256:" + hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def save(self, directory: str | Path) -> None:
+        """chat_template.jinja, and its special tokens into tokenizer_config.json (merged into the
+        one the tokenizer's files put there, if any)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_text(directory / JINJA_FILE, self.text)
-        write_text(directory / HF_TOKENIZER_CONFIG, json.dumps(self.tokens, indent=2, ensure_ascii=False) + "\n")
+        config_path = directory / HF_TOKENIZER_CONFIG
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config.pop("chat_template", None)  # chat_template.jinja is the template
+        write_text(config_path, json.dumps(config | self.tokens, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_chat_template(directory: str | Path) -> ChatTemplate | HFChatTemplate | None:
@@ -250,6 +266,7 @@ class Conversation:
     format: TemplateFormat | JinjaFormat
     max_prompt_len: int
     turns: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None  # the system message, kept when old turns are dropped
 
     def prompt(self, message: str) -> tuple[list[int], int]:
         """(prompt ids for `message`, number of oldest turns dropped to make it fit).
@@ -257,7 +274,7 @@ class Conversation:
         Dropped turns are gone for good: the next prompt would not fit them either.
         """
         for dropped in range(len(self.turns) + 1):
-            ids = self.format.ids(self.turns[dropped:], message)
+            ids = self.format.ids(self.turns[dropped:], message, self.system)
             if len(ids) <= self.max_prompt_len:
                 del self.turns[:dropped]
                 return ids, dropped

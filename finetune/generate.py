@@ -3,7 +3,8 @@
 `generate_batch` decodes a batch of prompts of different lengths at once: prompts are
 LEFT-padded, padding slots are marked invalid in the KV cache and every row gets its own RoPE
 positions (0 at its first real token), so each row computes exactly what it would alone.
-Greedy, or temperature / top-p sampling from a seeded generator; each row stops at EOS.
+Greedy, or temperature / top-p sampling from a seeded generator; each row stops at EOS, or at
+any of several stop ids (a tokenizer's generation_config eos list, a template's end-of-turn).
 After the prompt is read (one forward of the whole batch), every decoding step has the same
 shapes (one token per row, attention over the cache's full length with invalid slots
 masked), so on CUDA the step is captured once in a CUDA graph and replayed: decoding a 1B
@@ -91,11 +92,13 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int,
                    temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None, cuda_graph: bool | None = None,
                    on_token=None) -> list[list[int]]:
-    """Generated ids per prompt (EOS included when the row stopped on it).
+    """Generated ids per prompt (the stop id included when the row stopped on one).
+
+    `eos_id` is one id or a sequence of them: a row stops on any.
 
     `cuda_graph` (default: on CUDA) replays the decoding step from a CUDA graph.
     `on_token(tokens)`, when given, sees each step's (B,) tensor of new ids as soon as it is
@@ -114,6 +117,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = True
     ids, mask = ids.to(device), mask.to(device)
+    stops = stop_list(eos_id)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.make_kv_cache(B, width + max_new_tokens)
     logits = model(ids, cache=cache, positions=positions, attention_mask=mask, last_logits_only=True)
@@ -128,7 +133,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
         steps.append(tok)
         if on_token is not None:
             on_token(tok)
-        finished |= tok == eos_id
+        finished |= torch.isin(tok, stop_tensor)
         # Asking the device whether every row is done waits for it: do it every 8 steps only
         # (extra steps after the last EOS only add padding, which is cut off below), or every
         # step when streaming, whose callback waits for each token anyway.
@@ -140,8 +145,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
     out = torch.stack(steps, dim=1).tolist()
     result = []
     for row in out:
-        result.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        result.append(row if end is None else row[:end + 1])
     return result
+
+
+def stop_list(eos_id) -> list[int]:
+    """One stop id or several, as a list."""
+    return [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
 
 
 # ---- incremental, resumable files ---------------------------------------------------------
@@ -181,16 +192,18 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
 
 
 def generate_to_file(model, items: list[tuple[int, list[int]]], path: str | os.PathLike, *,
-                     max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int = 16,
+                     max_new_tokens: int, eos_id, pad_id: int, batch_size: int = 16,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      decode=None, desc: str = "generate", disable_progress: bool = False) -> dict:
     """Generate for (index, prompt_ids) items into `path`, skipping indices already there.
 
-    Returns {"new_rows", "tokens", "seconds", "tokens_per_s"} for this run.
+    Returns {"new_rows", "tokens", "seconds", "tokens_per_s"} for this run. `eos_id`: one stop
+    id or several; a row's "stopped" says it ended on one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl_resumable(path)
+    stops = stop_list(eos_id)
     # Longest first and a fixed partition into batches: little padding, and the same batches
     # (so the same sampled tokens for a given seed) whether or not the run was resumed.
     order = sorted(items, key=lambda it: (-len(it[1]), it[0]))
@@ -218,7 +231,7 @@ def generate_to_file(model, items: list[tuple[int, list[int]]], path: str | os.P
             for (index, _), ids in zip(batch, outs):
                 if index in done:
                     continue
-                row = {"index": index, "generated_ids": ids, "stopped": bool(ids) and ids[-1] == eos_id}
+                row = {"index": index, "generated_ids": ids, "stopped": bool(ids) and ids[-1] in stops}
                 if decode is not None:
                     row["text"] = decode(ids)
                 lines.append(json.dumps(row) + "\n")

@@ -4,7 +4,8 @@ Used by scripts/generate.py and scripts/chat.py. Loading goes through finetune/c
 (`load_start`: our consolidated format, a pretraining checkpoint or output directory, an HF
 Llama directory, each with the tokenizer found beside its weights); decoding is
 finetune/generate.py's KV-cache `generate_batch` with one prompt, whose per-token hook feeds
-`TextStream`, so text appears as it is produced.
+`TextStream`, so text appears as it is produced: the one incremental decoder for both tokenizer
+backends (byte-level BPE and sentencepiece byte fallback, whose characters can span tokens).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizer import Tokenizer
 from finetune.checkpoints import load_start
 from finetune.generate import generate_batch
-from finetune.tokenizer import Tokenizer
 from pretrain.checkpoint import resolve_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,8 +32,8 @@ def add_model_and_sampling_args(parser, max_new_tokens: int, max_new_tokens_help
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely "
                         "tokens whose probability adds up to this")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
-    parser.add_argument("--tokenizer", type=Path, help="sentencepiece .model to use instead of "
-                        "the checkpoint's tokenizer.model")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer to use instead of the checkpoint's: a "
+                        "sentencepiece .model, an HF tokenizer.json, or a directory holding one")
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on a GPU, else fp32")
 
@@ -93,7 +94,9 @@ def _check_hf_special_ids(directory: Path, tok: Tokenizer) -> None:
         return  # not an HF directory; our formats carry no token ids in their config
     for field, ours in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
         value = data.get(field)
-        if isinstance(value, int) and value != ours:
+        # eos_token_id may be a list (Llama-3 instruct: end of text, end of turn, ...): ours must be one.
+        listed = value if isinstance(value, list) else [value] if isinstance(value, int) else None
+        if listed is not None and ours is not None and ours not in listed:
             raise ValueError(f"{config}: {field} is {value} but tokenizer {tok.path} has {ours}; "
                              f"pass the tokenizer this model was trained with (--tokenizer FILE)")
 
@@ -111,69 +114,77 @@ def load_for_inference(ckpt, tokenizer=None, device: str = "auto", dtype: str = 
 class TextStream:
     """Text for ids that arrive one at a time, as the pieces to print.
 
-    Sentencepiece text depends on neighbours (a word's leading space is dropped at the start
-    of a text; a character split into byte pieces is only whole once its last byte arrives),
-    so each step decodes `context + ids so far` and hands out what is new, holding back a
-    trailing incomplete character until it completes.
+    A token's text depends on its neighbours: sentencepiece drops a word's leading space at the
+    start of a text, and a character split into byte tokens (byte-level BPE, sentencepiece's
+    byte fallback: é, 日本語, emoji) is only whole once its last byte arrives. So each step
+    decodes a short window, the ids from the previous piece's start on, and hands out what
+    the new ids added to it; while the text ends in an incomplete character ("\ufffd") it is
+    held back. Each step costs O(window), not O(everything so far). `context` are ids whose
+    text precedes the answer on screen (for generate.py, the end of the prompt).
     """
 
     def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
         self.context = list(context)
         self.ids: list[int] = []
-        self._base = tokenizer.decode(self.context)
-        self._shown = ""
-
-    def _text(self) -> str:
-        full = self.tokenizer.decode(self.context + self.ids)
-        return full[len(self._base):] if full.startswith(self._base) else full
+        self._all = list(context)
+        self._start = 0                 # the window decoded each step starts here
+        self._shown = len(self._all)    # the text of _all[:_shown] has been handed out
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self._text()
-        if text.endswith("\ufffd") or not text.startswith(self._shown):
+        self._all.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self._all[self._start:self._shown])
+        text = decode(self._all[self._start:])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
             return ""
-        new, self._shown = text[len(self._shown):], text
-        return new
+        self._start, self._shown = self._shown, len(self._all)
+        return text[len(before):]
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        text = self._text()
-        new = text[len(self._shown):] if text.startswith(self._shown) else ""
-        self._shown = text
-        return new
+        before = self.tokenizer.decode(self._all[self._start:self._shown])
+        text = self.tokenizer.decode(self._all[self._start:])
+        self._start = self._shown = len(self._all)
+        return text[len(before):] if text.startswith(before) else ""
 
     @property
     def text(self) -> str:
-        return self._text()
+        """The answer's text: what the pieces add up to."""
+        base = self.tokenizer.decode(self.context)
+        full = self.tokenizer.decode(self._all)
+        return full[len(base):] if full.startswith(base) else self.tokenizer.decode(self.ids)
 
 
 @dataclass
 class Answer:
-    ids: list[int]      # generated ids, EOS not included
+    ids: list[int]      # generated ids, the stop token not included
     text: str
-    stop: str           # "eos", "length" (max_new_tokens reached) or "interrupted" (Ctrl-C)
+    stop: str           # "eos" (a stop token), "length" (max_new_tokens reached) or "interrupted" (Ctrl-C)
 
 
 def stream_answer(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int, on_text, *,
                   temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                  context: list[int] = ()) -> Answer:
-    """Generate after `prompt_ids`, calling `on_text(piece)` as text appears.
+                  context: list[int] = (), stop_ids=None) -> Answer:
+    """Generate after `prompt_ids`, calling `on_text(piece)` as text appears, until one of
+    `stop_ids` (default: the tokenizer's EOS ids; a chat adds its template's end-of-turn token).
 
     Ctrl-C (KeyboardInterrupt) while decoding ends the answer early: what was produced so far is
     returned with stop="interrupted", so a chat can go on. `context` are ids whose text precedes
     the answer on screen (for generate.py, the end of the prompt), so spacing comes out right.
     """
     tok = loaded.tokenizer
+    stops = tuple(tok.stop_ids if stop_ids is None else stop_ids)
     stream = TextStream(tok, context)
     stop = "length"
 
     def on_token(tokens: torch.Tensor) -> None:
         nonlocal stop
         token = int(tokens[0])
-        if stop == "eos":  # after EOS the row only feeds padding
+        if stop == "eos":  # after a stop token the row only feeds padding
             return
-        if token == tok.eos_id:
+        if token in stops:
             stop = "eos"
             return
         piece = stream.push(token)
@@ -181,7 +192,7 @@ def stream_answer(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: in
             on_text(piece)
 
     try:
-        generate_batch(loaded.model, [prompt_ids], max_new_tokens, tok.eos_id, tok.pad_id,
+        generate_batch(loaded.model, [prompt_ids], max_new_tokens, stops, tok.pad_id,
                        temperature=temperature, top_p=top_p, generator=generator, on_token=on_token)
     except KeyboardInterrupt:
         stop = "interrupted"

@@ -14,7 +14,8 @@ class FinetuneOptions(CommonOptions):
                           "or output directory, or an HF Llama directory")
     data: Path = opt(help="UltraChat-format .jsonl or .parquet")
     out: Path = opt(help="output directory (config.yaml, metrics.jsonl, the models)")
-    tokenizer: Path | None = opt(None, "sentencepiece .model; overrides CKPT/tokenizer.model")
+    tokenizer: Path | None = opt(None, "a sentencepiece .model, an HF tokenizer.json or a directory holding one; "
+                                       "overrides the checkpoint's tokenizer")
     activation_checkpointing: bool = opt(False, "recompute each block in backward: less activation memory, "
                                                "about a third more compute")
     grad_clip: float = opt(1.0, "global grad-norm clip; 0 disables", minimum=0)

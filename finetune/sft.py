@@ -6,11 +6,13 @@
 --ckpt is our consolidated directory, a pretraining checkpoint or an HF Llama directory
 (detected automatically). Each row is the first user turn + assistant answer, in --ckpt's own
 chat template: an HF directory's Jinja template when it has one (finetune/hf_chat.py), else
-ours (finetune/chat.py); the loss covers the answer tokens (and its EOS) only.
+ours (finetune/chat.py); the loss covers the answer tokens (and its end-of-turn token: EOS, or
+the template's, e.g. <|im_end|>) only.
 
 Output:
-    SFT_DIR/final/        config.json, model.safetensors, tokenizer.model, the chat template
-                          (ours: chat_template.{json,jinja}; an HF one: chat_template.jinja +
+    SFT_DIR/final/        config.json, model.safetensors, the tokenizer's files (tokenizer.model or
+                          tokenizer.json, + its JSON files), the chat template (ours:
+                          chat_template.{json,jinja}; an HF one: chat_template.jinja +
                           tokenizer_config.json)
     SFT_DIR/config.yaml   the resolved options and backends (--run-config runs it again)
     SFT_DIR/metrics.jsonl one line per optimizer step (loss, lr, tokens/s, MFU, ...) + a final summary;

@@ -27,7 +27,7 @@ Output layout:
                                                 fingerprint; resuming with others is an error
     SPIN_DIR/metrics.jsonl                      per step: loss, rewards/*, logps/*, lr; every line has "iteration";
                                                 one step counts on across iterations and restarts
-    SPIN_DIR/iter{t}/                           consolidated θt + tokenizer.model + θ0's chat template
+    SPIN_DIR/iter{t}/                           consolidated θt + θ0's tokenizer files and chat template
     SPIN_DIR/work/iter{t}/generations.rank{r}.jsonl   incremental, keyed by prompt "index"
     SPIN_DIR/work/iter{t}/generations.jsonl     all ranks merged in prompt order (stage 1 done)
     SPIN_DIR/work/iter{t}/pairs.jsonl           the kept pairs, + pairs_stats.json (stage 2 done)
@@ -321,7 +321,7 @@ class SpinRun:
         mine = rank_slice(len(self.prompts), self.rank, self.world)
         stats = generate_to_file(
             model(), [(i, self.prompts[i]) for i in mine], work / f"generations.rank{self.rank}.jsonl",
-            max_new_tokens=self.args.max_new_tokens, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+            max_new_tokens=self.args.max_new_tokens, eos_id=self.encoder.stop_ids, pad_id=self.tok.pad_id,
             batch_size=self.args.gen_batch_size, temperature=self.args.temperature, top_p=self.args.top_p,
             seed=self.args.seed + 7919 * t, decode=self.tok.decode, desc=f"iter{t} generate",
             disable_progress=self.args.no_progress or self.rank != 0)
@@ -361,8 +361,8 @@ class SpinRun:
                 if generated == real:
                     identical += 1  # equal answers give a zero loss gradient
                     continue
-                # An answer that is EOS alone is kept: the model must learn not to stop at once.
-                eos_only += generated == [self.tok.eos_id]
+                # An answer that is a stop token alone is kept: the model must learn not to stop at once.
+                eos_only += len(generated) == 1 and generated[0] in self.encoder.stop_ids
                 pairs.append({"index": ex.index, "prompt_id": ex.prompt_id, "prompt_ids": prompt,
                               "real_ids": real, "generated_ids": generated})
             stats = {"pairs": len(pairs), "dropped_identical": identical, "dropped_empty": empty,

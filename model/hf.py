@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from model.atomic import atomic_path, write_json
+from model.atomic import atomic_path, write_bytes, write_json, write_text
 from model.config import Config
 from model.llama import Llama
 
@@ -331,27 +331,45 @@ def save_hf(model: Llama, directory: str | os.PathLike, dtype: torch.dtype | Non
     return directory
 
 
-def save_hf_tokenizer(tokenizer_model: str | os.PathLike, directory: str | os.PathLike,
-                      chat_template: str | None = None) -> None:
-    """Copy a sentencepiece model and write the files transformers' LlamaTokenizer reads."""
-    import shutil
+def save_hf_tokenizer(tokenizer, directory: str | os.PathLike, chat_template: str | None = None,
+                      stop_ids: list[int] | tuple[int, ...] | None = None) -> None:
+    """Write the tokenizer files transformers' AutoTokenizer reads, in the source's kind.
 
-    import sentencepiece as spm
+    `tokenizer` is a data_prep.tokenizer.Tokenizer, or a path it loads from. A sentencepiece
+    source gets tokenizer.model + a LlamaTokenizer tokenizer_config.json + special_tokens_map.json;
+    a tokenizer.json source gets its tokenizer.json unchanged, its tokenizer_config.json (added
+    tokens and all) with `chat_template` set, and its special_tokens_map.json. `stop_ids` (the
+    tokenizer's EOS ids and the template's end-of-turn token) become generation_config.json's
+    eos_token_id, a list when there are several, merged into the one save_hf wrote."""
+    from data_prep.tokenizer import CONFIG_FILE, GENERATION_FILE, HF_FILE, SP_FILE, SPECIAL_MAP_FILE, Tokenizer
 
-    tokenizer_model, directory = Path(tokenizer_model), Path(directory)
-    if not tokenizer_model.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_model} not found (pass a sentencepiece .model file)")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-    shutil.copyfile(tokenizer_model, directory / "tokenizer.model")
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-        "pad_token": piece(sp.pad_id()), "add_bos_token": True, "add_eos_token": False,
-        "legacy": False, "model_max_length": 1_000_000,
-    }
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    named = {k: tok.special_tokens.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    if tok.kind == "sentencepiece":
+        write_bytes(directory / "tokenizer.model", tok.files[SP_FILE])
+        config = {"tokenizer_class": "LlamaTokenizer", **named, "add_bos_token": bool(tok.prefix_ids),
+                  "add_eos_token": False, "legacy": False, "model_max_length": 1_000_000}
+        if tok.added:
+            config["added_tokens_decoder"] = {str(i): {"content": text, "special": special}
+                                              for i, (text, special) in sorted(tok.added.items())}
+    else:
+        write_bytes(directory / HF_FILE, tok.files[HF_FILE])
+        config = json.loads(tok.files[CONFIG_FILE]) if CONFIG_FILE in tok.files else \
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000}
+        config.update((k, v) for k, v in named.items() if v is not None)
+    config.pop("chat_template", None)
     if chat_template:
         config["chat_template"] = chat_template
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+    special = json.loads(tok.files[SPECIAL_MAP_FILE]) if SPECIAL_MAP_FILE in tok.files else {}
+    special.update((k, v) for k, v in named.items() if v is not None)
+    write_text(directory / SPECIAL_MAP_FILE, json.dumps(special, indent=2, ensure_ascii=False))
+    stops = list(dict.fromkeys(stop_ids if stop_ids is not None else tok.stop_ids))
+    generation_path = directory / GENERATION_FILE
+    generation = json.loads(tok.files[GENERATION_FILE]) if GENERATION_FILE in tok.files else {}
+    if generation_path.is_file():
+        generation.update(json.loads(generation_path.read_text()))
+    generation.update(bos_token_id=tok.bos_id, eos_token_id=stops if len(stops) > 1 else stops[0])
+    write_json(directory / GENERATION_FILE, generation, indent=2)

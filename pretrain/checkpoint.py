@@ -8,7 +8,9 @@ A training checkpoint is a directory OUT/checkpoints/step-NNNNNN/:
     rng/rank-RRRRR.pt every rank's torch / numpy / python (/ cuda) RNG state
     config.json       the model Config
     args.json         the command-line settings of the run
-    tokenizer.model   when the run was given --tokenizer
+    tokenizer.model   when the run was given --tokenizer: its files as data_prep/tokenizer.py
+    (or .json)        finds them (tokenizer.model or tokenizer.json, with tokenizer_config.json,
+                      special_tokens_map.json and generation_config.json when it has them)
     meta.json         step, tokens seen, world size, time (for people and tools)
     COMPLETE          written last; a directory without it is never resumed from
 
@@ -40,7 +42,20 @@ from pretrain.parallel import unwrap
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER = "COMPLETE"
 STATE_DIR = "state"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # or tokenizer.json: data_prep.tokenizer.tokenizer_files finds either
+
+
+def copy_tokenizer(tokenizer: str | os.PathLike, directory: Path) -> None:
+    """The files of the tokenizer at `tokenizer` (a file or a directory) into `directory`,
+    under their canonical names."""
+    from data_prep.tokenizer import tokenizer_files
+
+    files = tokenizer_files(tokenizer)
+    if not files:
+        raise FileNotFoundError(f"tokenizer {tokenizer}: no such file (nor a directory holding tokenizer.json "
+                                f"or tokenizer.model)")
+    for name, source in files.items():
+        shutil.copyfile(source, directory / name)
 
 
 class CheckpointError(RuntimeError):
@@ -158,7 +173,7 @@ def save_training_checkpoint(fabric, ckpt_root: Path, step: int, model, optimize
         config.save(tmp / CONFIG_FILE)
         _write_durable(tmp / "args.json", json.dumps(args, indent=2, default=str) + "\n")
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer, tmp)
         meta = {"step": step, "tokens_seen": train_state.get("tokens_seen"),
                 "next_sample_index": train_state.get("next_sample_index"),
                 "world_size": fabric.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -226,7 +241,7 @@ def read_training_checkpoint_model(path: str | os.PathLike, kernels: str = "auto
 # ---- consolidated models ------------------------------------------------------------------
 def write_consolidated(model: Llama, directory: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                        extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
-    """Llama.save format (+ tokenizer.model, extra files) into `directory`, atomically as a whole."""
+    """Llama.save format (+ the tokenizer's files, extra files) into `directory`, atomically as a whole."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -235,7 +250,7 @@ def write_consolidated(model: Llama, directory: str | os.PathLike, tokenizer: st
     try:
         model.save(tmp)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer, tmp)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
         _fsync_dir(tmp)
@@ -255,7 +270,7 @@ def write_consolidated(model: Llama, directory: str | os.PathLike, tokenizer: st
 def save_consolidated(fabric, model, directory: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                       extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Gather the sharded model's full weights (collective: call on every rank) and have rank 0
-    write them in the Llama.save format (config.json + model.safetensors + tokenizer.model)."""
+    write them in the Llama.save format (config.json + model.safetensors + the tokenizer's files)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     inner = unwrap(model)
@@ -268,7 +283,7 @@ def save_consolidated(fabric, model, directory: str | os.PathLike, tokenizer: st
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """The directory whose weights `load_model_from_any(path)` reads (its tokenizer.model and chat
+    """The directory whose weights `load_model_from_any(path)` reads (its tokenizer and chat
     template sit beside them): `path` itself, or a pretraining output dir's final/ or newest checkpoint."""
     from model import hf
 

@@ -3,7 +3,7 @@
     python pretrain/consolidate.py --ckpt OUT/checkpoints/step-000100 --out DIR [--dtype bf16]
 
 `--ckpt` may also be a training output directory (its newest complete checkpoint is used).
-The result (config.json + model.safetensors + tokenizer.model when the run had one) is what
+The result (config.json + model.safetensors + the tokenizer's files when the run had one) is what
 finetune/ and scripts/convert_hf.py read. Runs on one CPU process, without a process group:
 the distributed checkpoint is read with all its shards, whatever the training world size was.
 """
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import (TOKENIZER_FILE, CheckpointError, find_latest, is_training_checkpoint,
-                                 read_training_checkpoint_model, write_consolidated)
+from data_prep.tokenizer import tokenizer_file
+from pretrain.checkpoint import (CheckpointError, find_latest, is_training_checkpoint, read_training_checkpoint_model,
+                                 write_consolidated)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,13 +39,14 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="training checkpoint dir (or a pretraining --out dir)")
     p.add_argument("--out", required=True, help="directory to write config.json + model.safetensors into")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model to include; default: the checkpoint's")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to include (a .model, a tokenizer.json or a "
+                   "directory holding one); default: the checkpoint's")
     args = p.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(Path(args.ckpt))
         model = read_training_checkpoint_model(ckpt, kernels="torch").to(DTYPES[args.dtype])
-        tokenizer = args.tokenizer or (ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).is_file() else None)
-        if tokenizer is not None and not Path(tokenizer).is_file():
+        tokenizer = args.tokenizer or (ckpt if tokenizer_file(ckpt) is not None else None)
+        if tokenizer is not None and tokenizer_file(tokenizer) is None:
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file")
         out = write_consolidated(model, args.out, tokenizer=tokenizer)
     except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizer import load_tokenizer, tokenizer_file
 from model import PRESETS, Config
 from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, resolve_resume, save_consolidated,
                                  save_training_checkpoint, step_dir_name)
@@ -48,7 +49,8 @@ class PretrainOptions(CommonOptions):
     config: str = opt("tinyllama-1.1b", "model preset", choices=sorted(PRESETS))
     vocab_size: int | None = opt(None, "override the preset's vocab size (match your tokenizer)", minimum=1)
     block_size: int | None = opt(None, "context length; default: the preset's", minimum=1)
-    tokenizer: Path | None = opt(None, "sentencepiece model copied into every checkpoint and final/ as tokenizer.model")
+    tokenizer: Path | None = opt(None, "tokenizer copied into every checkpoint and final/ (a sentencepiece .model, "
+                                       "an HF tokenizer.json, or a directory holding one with its JSON files)")
     document_mask: bool = opt(False, "attend only within each document of a window (documents end with the shards' "
                                      "EOS) and restart RoPE positions at each document; see docs/pretrain.md")
     document_attention: str = opt("auto", "kernel for --document-mask; auto: flash-attn varlen, else "
@@ -106,8 +108,9 @@ class PretrainOptions(CommonOptions):
         problems = []
         if self.min_lr > self.lr:
             problems.append(f"--min-lr ({self.min_lr}) is larger than --lr ({self.lr})")
-        if self.tokenizer and not Path(self.tokenizer).is_file():
-            problems.append(f"--tokenizer {self.tokenizer}: no such file")
+        if self.tokenizer and tokenizer_file(self.tokenizer) is None:
+            problems.append(f"--tokenizer {self.tokenizer}: no such file (nor a directory holding tokenizer.json "
+                            f"or tokenizer.model)")
         return problems
 
 
@@ -212,6 +215,8 @@ def train(args: PretrainOptions) -> int:
 
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v}
     config = Config.from_name(args.config, **overrides)
+    if args.tokenizer:  # the same checks as every other command: it loads, and its ids fit the embedding
+        load_tokenizer(override=args.tokenizer, model_vocab_size=config.vocab_size)
     block = config.block_size
     sampler = MixtureSampler(resolve_data_dirs(args.data, args.data_root), block, args.seed, config.vocab_size)
     val_specs = default_val_dirs(args)

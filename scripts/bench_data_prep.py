@@ -2,6 +2,7 @@
 
     python scripts/bench_data_prep.py --tokenizer tokenizer.model [--workers 1 2 4] [--mb 8]
                                       [--slimpajama ROOT] [--starcoder ROOT] [--json results.json]
+    python scripts/bench_data_prep.py --tokenizer HF_DIR/tokenizer.json ...   (or HF_DIR)
 
 Runs the real pipeline (read + decompress/parse + tokenize + write shards) end to end.
 Without --slimpajama/--starcoder it writes a corpus of --mb MB per source into a temporary
@@ -9,8 +10,8 @@ directory, in the real formats, from text this Python ships with: prose from the
 topic texts and docstrings (SlimPajama-like .jsonl.zst) and code from the standard
 library's .py files (StarCoder-like parquet). Nothing is downloaded. MB are UTF-8 bytes
 of document text; the per-worker figures are the totals divided by --workers. The
-"encode only" rows time sentencepiece alone in this process (one thread): the ceiling of
-one worker. End-to-end rows include starting the worker processes (~1 s), so use a corpus
+"encode only" rows time the tokenizer alone (sentencepiece, or `tokenizers` for a
+tokenizer.json) in this process, one thread, as a worker runs it: the ceiling of one worker. End-to-end rows include starting the worker processes (~1 s), so use a corpus
 large enough (--mb) that this does not matter.
 """
 from __future__ import annotations
@@ -116,12 +117,12 @@ def write_corpus(root: Path, megabytes: float) -> tuple[Path, Path]:
 
 
 def bench_encode_only(source: str, root: Path, tokenizer: Path, megabytes: float) -> dict:
-    """sentencepiece alone, one process, one thread: the ceiling of one worker."""
-    import sentencepiece as spm
+    """The tokenizer alone, one process, one thread (as in a worker): the ceiling of one worker."""
+    import os
 
     from data_prep.errors import BadInputReport
     from data_prep.pipeline import FINDERS
-    from data_prep.tokenize_file import READERS
+    from data_prep.tokenize_file import READERS, load_document_tokenizer
 
     texts, size = [], 0
     for path in FINDERS[source](root, "train" if source == "slimpajama" else None):
@@ -130,11 +131,12 @@ def bench_encode_only(source: str, root: Path, tokenizer: Path, megabytes: float
             size += len(text.encode("utf-8"))
         if size >= megabytes * 1e6:
             break
-    processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread, as init_worker sets it
+    encoder = load_document_tokenizer(tokenizer)
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(texts), 256):
-        tokens += sum(map(len, processor.encode(texts[i:i + 256], out_type=int, num_threads=1)))
+        tokens += sum(map(len, encoder.encode_documents(texts[i:i + 256])))
     seconds = time.perf_counter() - start
     return {"source": f"{source} (encode only)", "workers": 1, "files": "-", "documents": len(texts),
             "MB": round(size / 1e6, 2), "tokens": tokens, "seconds": round(seconds, 2),
@@ -159,15 +161,21 @@ def bench(source: str, root: Path, tokenizer: Path, workers: int, scratch: Path)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", required=True, type=Path, help="a sentencepiece .model, an HF tokenizer.json, "
+                   "or a directory holding one")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--mb", type=float, default=8.0, help="MB of text per source for the generated corpus")
     p.add_argument("--slimpajama", type=Path, help="benchmark on this SlimPajama root (train split) instead")
     p.add_argument("--starcoder", type=Path, help="benchmark on this StarCoder root instead")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    if not args.tokenizer.is_file():
-        print(f"error: tokenizer {args.tokenizer} does not exist", file=sys.stderr)
+    from data_prep.errors import DataPrepError
+    from data_prep.tokenize_file import load_document_tokenizer
+
+    try:
+        kind = load_document_tokenizer(args.tokenizer).tokenizer.kind
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
-    print(f"tokenizer: {args.tokenizer}")
+    print(f"tokenizer: {args.tokenizer} ({kind})")
     print(" | ".join(c.rjust(w) for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     for r in rows:

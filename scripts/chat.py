@@ -1,12 +1,15 @@
 """A terminal chat with any checkpoint, in the checkpoint's own chat template.
 
-    python scripts/chat.py --ckpt DIR [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
-        [--tokenizer FILE] [--device auto|cpu|cuda] [--dtype auto|fp32|bf16|fp16] [--verbose]
+    python scripts/chat.py --ckpt DIR [--system TEXT] [--max-new-tokens N] [--temperature T] [--top-p P]
+        [--seed S] [--tokenizer FILE] [--device auto|cpu|cuda] [--dtype auto|fp32|bf16|fp16] [--verbose]
 
 The template is the one SFT and SPIN trained with (chat_template.json beside the weights), or
 an HF directory's chat template; a base model with neither gets the project's default
-template, and the chat says so. The conversation so far is the prompt; when it would not fit
-the model's context the oldest turns are dropped. Answers appear as they are generated.
+template, and the chat says so. --system puts a system message first (an HF template only;
+SmolLM2's writes a default one without it). The conversation so far is the prompt; when it
+would not fit the model's context the oldest turns are dropped. Answers appear as they are
+generated and end at the template's end-of-turn token (<|im_end|>, <|eot_id|>, EOS) or any
+of the tokenizer's EOS ids.
 
 Type a message and press Enter. /reset starts a new conversation, /quit (or Ctrl-D) leaves,
 Ctrl-C stops a long answer and keeps the chat going. When stdin is not a terminal, each line
@@ -31,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_and_sampling_args(p, 256, "longest answer; the oldest turns are dropped to leave room for it "
                                 "(for at most half the context)")
+    p.add_argument("--system", help="a system message before the conversation (needs an HF chat template "
+                   "that has a system turn)")
     p.add_argument("--verbose", action="store_true", help="print each prompt (text and token ids) and each "
                    "answer's ids to stderr")
     args = p.parse_args(argv)
@@ -62,11 +67,15 @@ def main(argv=None) -> int:
     try:
         loaded = load_for_inference(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
         fmt = find_chat_format(loaded.directory, loaded.tokenizer)
+        if args.system is not None and not fmt.supports_system:
+            raise ValueError(f"--system: {fmt.source} is the project's chat template, which has no system turn; "
+                             f"a system message needs a checkpoint with an HF chat template")
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok, block = loaded.tokenizer, loaded.model.config.block_size
-    conversation = Conversation(fmt, max_prompt_len=block - min(args.max_new_tokens, block // 2))
+    conversation = Conversation(fmt, max_prompt_len=block - min(args.max_new_tokens, block // 2),
+                                system=args.system)
     generator = make_generator(loaded, args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -82,6 +91,7 @@ def main(argv=None) -> int:
              f"continuations rather than answers")
     else:
         note(f"chat template: {fmt.source}")
+    note("answers end at " + ", ".join(f"{tok.id_to_token(i)!r} ({i})" for i in fmt.stop_ids))
     if interactive:
         note(HELP)
 
@@ -115,7 +125,7 @@ def main(argv=None) -> int:
                      f"{tok.decode(prompt_ids)}\n[prompt ids: {prompt_ids}]")
             budget = new_token_budget(loaded, len(prompt_ids), args.max_new_tokens)
             answer = stream_answer(loaded, prompt_ids, budget, show, temperature=args.temperature,
-                                   top_p=args.top_p, generator=generator)
+                                   top_p=args.top_p, generator=generator, stop_ids=fmt.stop_ids)
             show("\n")
             if answer.stop == "interrupted":
                 note("(stopped)")

@@ -5,10 +5,14 @@
 
 The exported directory loads with transformers' AutoModelForCausalLM as the class it was
 imported as (LlamaForCausalLM, or MistralForCausalLM), tied or not as it came (and
-AutoTokenizer when --tokenizer is given or the checkpoint has a tokenizer.model). `--ckpt`
-and `--hf` are resolved as every command resolves a checkpoint (pretrain/checkpoint.py
-`resolve_model_dir`); an unsupported architecture, a GGUF or other file is refused (exit 2)
-before anything is written.
+AutoTokenizer when --tokenizer is given or the checkpoint has a tokenizer). The tokenizer keeps
+its kind: a sentencepiece tokenizer.model, or an HF tokenizer.json with its tokenizer_config.json
+and special_tokens_map.json; the checkpoint's chat template goes into tokenizer_config.json and
+generation_config.json's eos_token_id lists every id generation stops on (the tokenizer's EOS
+ids and the template's end-of-turn token). Import copies the HF directory's tokenizer files
+(and chat_template.jinja) beside the weights. `--ckpt` and `--hf` are resolved as every command
+resolves a checkpoint (pretrain/checkpoint.py `resolve_model_dir`); an unsupported architecture,
+a GGUF or other file is refused (exit 2) before anything is written.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     exp.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory: ours (config.json + "
                      "model.safetensors), a pretraining checkpoint or output directory, or an HF directory")
     exp.add_argument("--out", required=True, type=Path, help="HF directory to write")
-    exp.add_argument("--tokenizer", type=Path, help="sentencepiece .model to include "
-                     "(default: the checkpoint's tokenizer.model, if any)")
+    exp.add_argument("--tokenizer", type=Path, help="tokenizer to include: a sentencepiece .model, an HF "
+                     "tokenizer.json or a directory holding one (default: the checkpoint's, if any)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the saved dtype)")
     imp = sub.add_parser("import", help="HF Llama/Mistral directory -> our checkpoint")
     imp.add_argument("--hf", required=True, type=Path, help="HF directory (config.json + safetensors or bin)")
@@ -43,37 +47,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> None:
+    from data_prep.tokenizer import load_tokenizer, tokenizer_file
+    from finetune.chat import JINJA_FILE, ChatTemplate
+    from finetune.conversation import find_chat_format, load_chat_template
+
     args.ckpt = resolve_model_dir(args.ckpt)
     model = load_model_from_any(args.ckpt)
-    tokenizer = args.tokenizer or (args.ckpt / "tokenizer.model" if (args.ckpt / "tokenizer.model").is_file() else None)
-    bos, eos = 1, 2
-    if tokenizer is not None:
-        import sentencepiece as spm
-
-        if not Path(tokenizer).is_file():
-            raise FileNotFoundError(f"--tokenizer {tokenizer} not found")
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        if sp.vocab_size() > model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but the model's "
-                             f"vocab_size is {model.config.vocab_size}")
-        bos, eos = sp.bos_id(), sp.eos_id()
+    tok = None
+    if args.tokenizer is not None or tokenizer_file(args.ckpt) is not None:
+        tok = load_tokenizer(args.ckpt, args.tokenizer, model_vocab_size=model.config.vocab_size)
+    bos, eos = (1, 2) if tok is None else (tok.bos_id, tok.eos_id)
     save_hf(model, args.out, dtype=DTYPES.get(args.dtype), bos_id=bos, eos_id=eos)
-    if tokenizer is not None:
-        template_file = args.ckpt / "chat_template.jinja"
-        save_hf_tokenizer(tokenizer, args.out,
-                          chat_template=template_file.read_text() if template_file.is_file() else None)
+    if tok is not None:
+        template, text = load_chat_template(args.ckpt), None
+        if isinstance(template, ChatTemplate):  # ours, as the Jinja SFT saved beside it
+            jinja = args.ckpt / JINJA_FILE
+            text = jinja.read_text() if jinja.is_file() else template.jinja(tok.adds_prefix_space)
+        elif template is not None:
+            text = template.text
+        # The ids generation stops on: the tokenizer's, and the template's end-of-turn token.
+        stops = tok.stop_ids if template is None else find_chat_format(args.ckpt, tok).stop_ids
+        save_hf_tokenizer(tok, args.out, chat_template=text, stop_ids=stops)
     print(f"exported {args.ckpt} -> {args.out} ({model.num_params():,} parameters)")
 
 
 def import_(args: argparse.Namespace) -> None:
+    from data_prep.tokenizer import tokenizer_files
+
     hf_dir = resolve_model_dir(args.hf)
     if not is_hf_checkpoint(hf_dir):
         raise ValueError(f"--hf {args.hf}: not a Hugging Face model directory (a config.json naming its "
                          f"architectures); for our own checkpoints use them directly or `export`")
     model = load_hf(hf_dir, dtype=DTYPES.get(args.dtype))
     model.save(args.out)
-    if (args.hf / "tokenizer.model").is_file():
-        shutil.copyfile(args.hf / "tokenizer.model", args.out / "tokenizer.model")
+    for name, path in tokenizer_files(args.hf).items():
+        shutil.copyfile(path, args.out / name)
+    if (args.hf / "chat_template.jinja").is_file():
+        shutil.copyfile(args.hf / "chat_template.jinja", args.out / "chat_template.jinja")
     print(f"imported {args.hf} -> {args.out} ({model.num_params():,} parameters)")
 
 

@@ -5,10 +5,11 @@
 
 --ckpt is anything the project reads: our consolidated directory (finetune/pretrain output
 final/), a pretraining checkpoint (step-NNNNNN) or output directory, or an HF Llama directory.
-The tokenizer is the checkpoint's tokenizer.model unless --tokenizer is given. The prompt is
-encoded as BOS + text (no chat template: scripts/chat.py is for chatting) and printed,
-followed by the continuation as it is produced; --temperature 0 is greedy decoding. The GPU
-is used when there is one. Exit code 2 means bad input (a missing checkpoint or tokenizer, a
+The tokenizer is the checkpoint's (tokenizer.json or tokenizer.model) unless --tokenizer is
+given. The prompt is encoded as the tokenizer does a text (BOS + text where it adds a BOS;
+no chat template: scripts/chat.py is for chatting) and printed, followed by the continuation
+as it is produced, until EOS or another of generation_config.json's eos_token_id;
+--temperature 0 is greedy decoding. The GPU is used when there is one. Exit code 2 means bad input (a missing checkpoint or tokenizer, a
 tokenizer that does not fit the model, a prompt longer than the context).
 """
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
     try:
         loaded = load_for_inference(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
         tok = loaded.tokenizer
-        prompt_ids = [tok.bos_id] + tok.encode(args.prompt)
+        prompt_ids = tok.prefix_ids + tok.encode(args.prompt)
+        if not prompt_ids:
+            raise ValueError("--prompt is empty and the tokenizer adds no BOS: there is nothing to continue")
         budget = new_token_budget(loaded, len(prompt_ids), args.max_new_tokens)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -63,8 +63,8 @@ SIZES = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "quickstart_out", help="where everything is written")
-    p.add_argument("--tokenizer", type=Path, help="a sentencepiece .model to use (e.g. Llama-2's) "
-                   "instead of training one on the local corpus")
+    p.add_argument("--tokenizer", type=Path, help="a tokenizer to use (a sentencepiece .model, e.g. Llama-2's, "
+                   "or an HF tokenizer.json or directory holding one) instead of training one on the local corpus")
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="'smoke' is the CI-sized run")
     p.add_argument("--devices", default="1", help="devices for pretraining (fabric run --devices)")
     p.add_argument("--fresh", action="store_true", help="delete --out first and run every stage")
@@ -180,16 +180,16 @@ class Pipeline:
                       after=final, out=self.out / "samples.json", max_new_tokens=self.size.max_new_tokens * 2)
 
     def _tokenizer_vocab(self) -> int:
-        import sentencepiece as spm
+        from data_prep.tokenizer import Tokenizer
 
-        return spm.SentencePieceProcessor(model_file=str(self.tokenizer)).vocab_size()
+        return Tokenizer(self.tokenizer).vocab_size
 
     # ---- the whole thing --------------------------------------------------------------
     def main(self) -> None:
         if self.args.fresh and self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.args.tokenizer and not self.args.tokenizer.is_file():
+        if self.args.tokenizer and not self.args.tokenizer.exists():
             raise SystemExit(f"quickstart: --tokenizer {self.args.tokenizer} does not exist")
         self.stage("corpus from the standard library", self.out / "corpus" / "corpus_summary.json", self.corpus)
         if not self.args.tokenizer:
@@ -243,7 +243,7 @@ def write_samples(test_data: Path, before: Path, after: Path, out: Path, max_new
         room = model.config.block_size - max_new_tokens
         prompts = [encoder.prompt_ids(e.prompt, room) for e in examples]
         answers[label] = [tok.decode(ids) for ids in
-                          generate_batch(model, prompts, max_new_tokens, tok.eos_id, tok.pad_id)]
+                          generate_batch(model, prompts, max_new_tokens, encoder.stop_ids, tok.pad_id)]
     rows = [{"prompt": e.prompt, "human": e.response, "before": b, "after": a}
             for e, b, a in zip(examples, answers["before"], answers["after"])]
     out.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")

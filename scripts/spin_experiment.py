@@ -347,7 +347,7 @@ def evaluate(ckpt: Path, reference_file: Path) -> dict:
     """The three held-out measures (module docstring, step 4) of one model on one split."""
     import torch
 
-    from finetune.tokenizer import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
     from model import Llama
 
     ref = torch.load(reference_file)

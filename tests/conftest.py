@@ -156,6 +156,98 @@ def tiny_checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     return paths
 
 
+# ---- HF tokenizer.json fixtures ----------------------------------------------------------
+# Special tokens of the byte-level BPE built below: ChatML's (SmolLM2), zephyr's and Llama-3's.
+BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "</s>", "<|begin_of_text|>",
+                "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# SmolLM2-135M-Instruct's chat template, exactly (it writes a default system message).
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama-3's layout: the template writes bos_token itself; each turn ends with <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# zephyr-7b-sft-full's (and TinyLlama-1.1B-Chat's) template.
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+MULTI_BYTE = "naïve café 日本語 ✓ 😀 émoji Ωmega"
+
+
+def train_byte_bpe(vocab_size: int = 600):
+    """A byte-level BPE `tokenizers.Tokenizer` (GPT-2/SmolLM2 style) trained on synthetic text,
+    with BPE_SPECIALS as special added tokens (ids 0..10)."""
+    import tokenizers  # an install requirement (data_prep/tokenizer.py), not a test extra
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(synthetic_text(2000) + [MULTI_BYTE] * 3, trainer=trainer)
+    return tok
+
+
+def write_hf_tokenizer(directory: Path, tok, config: dict, bos: str | None = None, template: str | None = None,
+                       in_config: bool = False, generation: dict | None = None) -> Path:
+    """An HF tokenizer directory: tokenizer.json (with a post-processor that puts `bos` before a
+    text, when given), tokenizer_config.json, the chat template (chat_template.jinja, transformers
+    5's layout, or `in_config`) and generation_config.json."""
+    import json
+
+    from tokenizers import processors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **config}
+    if template is not None and in_config:
+        config["chat_template"] = template
+    elif template is not None:
+        (directory / "chat_template.jinja").write_text(template)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if generation is not None:
+        (directory / "generation_config.json").write_text(json.dumps(generation))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """One byte-level BPE in three HF directories, as real chat models ship it: "chatml"
+    (SmolLM2's tokenizer_config and exact template; no BOS added to a text), "llama3" (BOS
+    <|begin_of_text|> added by the post-processor, eos <|eot_id|>, generation_config's eos list
+    [<|end_of_text|>, <|eot_id|>], the template in tokenizer_config.json) and "zephyr" (<s>
+    added, eos </s>)."""
+    root = tmp_path_factory.mktemp("hf_tokenizers")
+    tok = train_byte_bpe()
+    ids = {t: tok.token_to_id(t) for t in BPE_SPECIALS}
+    return {
+        "chatml": write_hf_tokenizer(root / "chatml", tok, {
+            "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+            "unk_token": "<|endoftext|>"}, template=SMOLLM2_TEMPLATE),
+        "llama3": write_hf_tokenizer(root / "llama3", tok, {
+            "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, bos="<|begin_of_text|>",
+            template=LLAMA3_TEMPLATE, in_config=True,
+            generation={"bos_token_id": ids["<|begin_of_text|>"],
+                        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}),
+        "zephyr": write_hf_tokenizer(root / "zephyr", tok, {
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, bos="<s>", template=ZEPHYR_TEMPLATE),
+    }
+
+
 # ---- tiny random Hugging Face models of each architecture we import ----------------------------
 # name -> (transformers class, config fields beyond TINY_HF_BASE). All have GQA (4 query heads,
 # 2 KV heads) and the tiny tokenizer's 512 ids; their context (64) exceeds the test sequences.

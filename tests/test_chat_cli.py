@@ -15,7 +15,7 @@ import pytest
 
 from finetune.chat import ChatEncoder, ChatTemplate
 from finetune.conversation import Conversation, TemplateFormat, find_chat_format
-from finetune.tokenizer import Tokenizer
+from data_prep.tokenizer import Tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
 

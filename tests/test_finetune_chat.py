@@ -5,7 +5,7 @@ import pytest
 from conftest import require_module, tokenizer_for
 
 from finetune.chat import ChatEncoder, ChatTemplate, IGNORE_INDEX, read_chat, sft_row
-from finetune.tokenizer import load_tokenizer
+from data_prep.tokenizer import load_tokenizer
 
 
 def write_chat(path, n=4):

@@ -221,7 +221,7 @@ def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
 def test_spin_trains_on_given_pairs_without_data(ckpts, tmp_path):
     """--pairs in SPIN's released layout: iteration 0 trains on the file's answers (nothing is
     generated), --data is not needed, and --num-prompts samples rows at random."""
-    from finetune.tokenizer import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
 
     rows = [{"real": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"it is {i}"}],
              "generated": [{"role": "user", "content": f"name {i}"}, {"role": "assistant", "content": f"no {i}"}]}

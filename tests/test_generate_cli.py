@@ -13,7 +13,7 @@ import torch
 
 from finetune.generate import generate_batch
 from finetune.inference import TextStream
-from finetune.tokenizer import Tokenizer
+from data_prep.tokenizer import Tokenizer
 
 SCRIPT = "scripts/generate.py"
 PROMPT = "print the loss"  # the tiny model continues it with "▁to": the space must survive streaming

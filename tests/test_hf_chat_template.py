@@ -19,7 +19,7 @@ from test_spin_e2e import chat_file, run_cli  # noqa: F401  (fixture)
 from finetune.chat import ChatEncoder, ChatTemplate
 from finetune.conversation import HFChatTemplate, find_chat_format, load_chat_template
 from finetune.hf_chat import JinjaChatEncoder, chat_encoder
-from finetune.tokenizer import Tokenizer
+from data_prep.tokenizer import Tokenizer
 from model import Config, Llama
 from model.hf import save_hf, save_hf_tokenizer
 

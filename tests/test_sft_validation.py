@@ -8,7 +8,7 @@ import torch
 
 from finetune.chat import ChatEncoder, ChatTemplate, read_chat
 from finetune.sft import collate, n_targets, tokenize_rows
-from finetune.tokenizer import load_tokenizer
+from data_prep.tokenizer import load_tokenizer
 from model import Llama
 from test_finetune_cli_errors import chat, ckpts, run, write_chat  # noqa: F401  (the same tiny fixtures)
 
