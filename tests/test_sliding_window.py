@@ -1,6 +1,6 @@
 """Mistral's sliding window in every attention path that runs on a CPU: the SDPA mask against a
-naive loop, attention within documents (dense mask and flex_attention) against each document
-computed alone with the window, and KV-cache decoding against the full forward. (Parity with
+naive loop, attention within documents (dense mask) against each document computed alone with
+the window (flex_attention against the dense mask: tests/test_document_mask.py), and KV-cache decoding against the full forward. (Parity with
 transformers' MistralForCausalLM: tests/test_hf_architectures.py; flash-attn's window_size is
 checked on a GPU.)"""
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_document_mask import three_documents
 
 from model import Config, Llama
 from model.attention import attention
@@ -49,33 +50,16 @@ def test_sdpa_window_matches_a_naive_loop(T, S):
         torch.testing.assert_close(attention(q, k, v, backend="sdpa", window=S), attention(q, k, v, backend="sdpa"))
 
 
-def three_documents(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    docs = [torch.randint(3, 512, (n,), generator=g) for n in (9, 17, 14)]
-    docs[0][-1] = EOS
-    docs[1][-1] = EOS
-    return torch.cat(docs)[None], [d.numel() for d in docs]
-
-
 @torch.no_grad()
 def test_each_document_is_computed_alone_with_the_window():
     model = windowed_model()
-    x, lengths = three_documents()
+    x, _, lengths = three_documents()
     masked = model(x, document_eos=EOS, document_backend="sdpa-mask")
     alone = torch.cat([model(part) for part in x.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(masked, alone, rtol=0, atol=1e-5)
     # the window matters here: without it the documents longer than it come out differently
     unwindowed = windowed_model(window=None)
     assert (unwindowed(x, document_eos=EOS, document_backend="sdpa-mask") - masked).abs().max() > 1e-3
-
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@torch.no_grad()
-def test_flex_attention_window_matches_the_dense_mask():
-    model = windowed_model()
-    x = torch.cat([three_documents(seed=s)[0] for s in (3, 4)])
-    torch.testing.assert_close(model(x, document_eos=EOS, document_backend="flex"),
-                               model(x, document_eos=EOS, document_backend="sdpa-mask"), rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
