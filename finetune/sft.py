@@ -38,6 +38,7 @@ from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer,
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
+from pretrain.sharded_load import read_model_config
 
 
 @dataclass(kw_only=True)
@@ -113,6 +114,8 @@ def held_out_loss(fabric, model, rows, pad_id: int, micro_batch_size: int) -> fl
 
 
 def run(args: SFTOptions) -> Path:
+    # An unsupported or unreadable --ckpt is refused before any process or file is made.
+    read_model_config(args.ckpt)
     fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
     # Sharded as it is read: no rank ever holds the whole model (pretrain/sharded_load.py).
     model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels, fabric=fabric)

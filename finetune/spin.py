@@ -74,7 +74,7 @@ from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer,
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
-from pretrain.sharded_load import load_sharded
+from pretrain.sharded_load import load_sharded, read_model_config
 
 __all__ = ["spin_loss", "main"]
 
@@ -210,6 +210,8 @@ def read_state(out: Path) -> dict:
 class SpinRun:
     def __init__(self, args: SpinOptions):
         self.args = args
+        # An unsupported or unreadable --ckpt is refused before any process or file is made.
+        read_model_config(args.ckpt)
         self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).

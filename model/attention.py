@@ -58,8 +58,17 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     return f"sdpa{why}"
 
 
+def sliding_window_mask(window: int, T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool, True = attend: the causal rule with queries aligned to the last T of S keys,
+    limited to the `window` most recent keys of each query (itself included), as HF's
+    Mistral masks it (key j is seen by query i when i - window < j <= i)."""
+    query = torch.arange(S - T, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None, :]
+    return (key <= query) & (key > query - window)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              backend: str = "auto", documents=None) -> torch.Tensor:
+              backend: str = "auto", documents=None, window: int | None = None) -> torch.Tensor:
     """q: (B, T, Hq, D); k, v: (B, S, Hk, D) with Hq % Hk == 0. Returns (B, T, Hq, D).
 
     Without `mask` the attention is causal with queries aligned to the last T keys
@@ -67,6 +76,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     replaces the causal rule entirely, for KV-cache decoding with padding.
     `backend` is "auto", "flash" or "sdpa" (tests force "sdpa"). `documents` (a
     model.document_mask.Documents) restricts each token to its own document instead.
+    `window` (Mistral's sliding window) limits the causal rule to the `window` most recent
+    keys, the query's own included; an explicit `mask` or `documents` carry their own window.
     """
     if documents is not None:
         from model.document_mask import document_attention
@@ -74,12 +85,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return document_attention(q, k, v, documents)
     if backend not in ("auto", "flash", "sdpa"):
         raise ValueError(f"attention backend must be 'auto', 'flash' or 'sdpa', got {backend!r}")
+    if window is not None and window >= k.shape[1]:
+        window = None  # every key is within the window: plain causal attention
     if mask is None and backend != "sdpa" and flash_attn_usable(q):
+        if window is not None:  # flash-attn's window is inclusive: (window - 1) keys back, 0 ahead
+            return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
         return flash_attn_func(q, k, v, causal=True)
     if backend == "flash":
         raise RuntimeError("attention backend 'flash' needs flash-attn installed, CUDA fp16/bf16 tensors and no mask")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
+    if mask is None and window is not None:
+        mask = sliding_window_mask(window, q.shape[1], k.shape[1], q.device)
     if mask is None:
         if q.shape[1] != k.shape[1]:
             raise ValueError("causal attention without a mask needs as many queries as keys; pass a mask")

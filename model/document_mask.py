@@ -16,6 +16,10 @@ Three kernels, chosen once (`document_attention_backend`) and printed by the tra
                   (compiled on CUDA: blocks that no document spans are skipped)
     sdpa-mask     scaled_dot_product_attention with a dense (B, 1, T, T) block-diagonal causal
                   mask: the reference, and what a CPU runs
+
+With a sliding window (Mistral) each kernel also limits a token to the `window` most recent
+tokens of its document, itself included: flash-attn's `window_size`, a term of flex's
+mask_mod, a band of the dense mask.
 """
 from __future__ import annotations
 
@@ -61,13 +65,16 @@ class Documents:
 
     `positions` (B, T) restart at 0 at every document; `backend` decides which of
     `cu_seqlens` (flash-varlen), `block_mask` (flex) or `dense_mask` (sdpa-mask) is built.
+    `window` (None: no limit) is the sliding window, in tokens, the query's own included.
     """
 
-    def __init__(self, input_ids: torch.Tensor, eos_id: int, backend: str):
+    def __init__(self, input_ids: torch.Tensor, eos_id: int, backend: str, window: int | None = None):
         if backend not in DOCUMENT_BACKENDS:
             raise ValueError(f"unknown document attention backend {backend!r}; one of {', '.join(DOCUMENT_BACKENDS)}")
         B, T = input_ids.shape
         self.backend, self.batch, self.seq_len = backend, B, T
+        self.window = window if window is not None and window < T else None  # a window >= T limits nothing
+        window = self.window
         starts = torch.zeros_like(input_ids, dtype=torch.bool)
         starts[:, 0] = True
         starts[:, 1:] = input_ids[:, :-1] == eos_id
@@ -86,11 +93,17 @@ class Documents:
 
             doc = self.doc_ids
 
-            def same_document_causal(b, h, q_idx, kv_idx):
-                return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+            if window is None:
+                def same_document_causal(b, h, q_idx, kv_idx):
+                    return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+            else:
+                def same_document_causal(b, h, q_idx, kv_idx):
+                    return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (doc[b, q_idx] == doc[b, kv_idx])
             self.block_mask = create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            if window is not None:
+                causal = causal & ~torch.ones_like(causal).tril(-window)  # drop keys window or more back
             same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
             self.dense_mask = (same & causal)[:, None]  # (B, 1, T, T), True = attend
 
@@ -110,8 +123,10 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docume
     if documents.backend == "flash-varlen":
         from model.attention import flash_attn_varlen_func
 
+        window = (-1, -1) if documents.window is None else (documents.window - 1, 0)
         out = flash_attn_varlen_func(q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                     documents.cu_seqlens, documents.cu_seqlens, T, T, causal=True)
+                                     documents.cu_seqlens, documents.cu_seqlens, T, T, causal=True,
+                                     window_size=window)
         return out.view(B, T, Hq, D)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = Hq != k.shape[2]

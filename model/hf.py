@@ -1,7 +1,10 @@
-"""Weight import/export between our Llama and Hugging Face's LlamaForCausalLM layout.
+"""Weight import/export between our Llama and Hugging Face's LlamaForCausalLM / MistralForCausalLM.
 
 Our module fuses q/k/v into one projection and gate/up into another; HF keeps them apart.
-RoPE uses the same rotate_half layout on both sides, so no permutation is needed.
+RoPE uses the same rotate_half layout on both sides, so no permutation is needed. A Mistral
+is a Llama with a sliding window (Config.sliding_window); tied embeddings, explicit head_dim
+and RoPE types default/linear/llama3 are read and written back; every other variant (biases,
+another activation, other RoPE types, other architectures) is refused naming the field.
 Nothing here imports transformers: the HF directory is plain config.json + safetensors.
 """
 from __future__ import annotations
@@ -16,14 +19,28 @@ from model.atomic import atomic_path, write_bytes, write_json, write_text
 from model.config import Config
 from model.llama import Llama
 
-HF_ARCHITECTURE = "LlamaForCausalLM"
+# architecture -> (model_type, transformers' defaults for fields a config.json may leave out)
+HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_HF_DEFAULTS = {
+    "LlamaForCausalLM": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "sliding_window": None},
+    "MistralForCausalLM": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "sliding_window": 4096},
+}
+# our RoPE field -> its key in HF's rope_scaling / rope_parameters
+_ROPE_KEYS = {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+              "rope_high_freq_factor": "high_freq_factor", "rope_original_context": "original_max_position_embeddings"}
 
 
 # ---- config ---------------------------------------------------------------------------
 def config_to_hf(config: Config, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
-    return {
-        "architectures": [HF_ARCHITECTURE],
-        "model_type": "llama",
+    """config.json for `config`, in the class it was imported as; transformers 4 and 5 both read it
+    (rope_theta/rope_scaling for 4, rope_parameters for 5, the same values in both)."""
+    from model.config import ROPE_FIELDS
+
+    scaling = {"rope_type": config.rope_type,
+               **{_ROPE_KEYS[f]: getattr(config, f) for f in ROPE_FIELDS[config.rope_type]}}
+    out = {
+        "architectures": [config.architecture],
+        "model_type": HF_MODEL_TYPES[config.architecture],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
@@ -34,66 +51,114 @@ def config_to_hf(config: Config, dtype: torch.dtype, bos_id: int = 1, eos_id: in
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_scaling": None if config.rope_type == "default" else scaling,
+        "rope_parameters": {**scaling, "rope_theta": config.rope_base},
         "hidden_act": "silu",
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if config.architecture == "MistralForCausalLM":
+        out["sliding_window"] = config.sliding_window  # null: attention over the whole context
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def _architecture(hf: dict, source: str) -> str:
+    archs = hf.get("architectures") or []
+    known = [a for a in archs if a in HF_MODEL_TYPES]
+    if known and len(archs) == 1:
+        return known[0]
+    if not archs:  # an old config.json may name only its model_type
+        by_type = {t: a for a, t in HF_MODEL_TYPES.items()}
+        if hf.get("model_type") in by_type:
+            return by_type[hf["model_type"]]
+    raise ValueError(f"{source}: architectures {archs} / model_type {hf.get('model_type')!r} is not a Llama "
+                     f"model; only {' and '.join(HF_MODEL_TYPES)} checkpoints can be imported "
+                     f"(field 'architectures')")
+
+
+def _rope_from_hf(hf: dict, max_positions: int, source: str) -> dict:
+    """Our rope_* fields from config.json, read as transformers 5 reads them: `rope_scaling`
+    (transformers 4's spelling) when set, else `rope_parameters`; rope_theta inside it, else at
+    the top level, else 10000."""
+    from model.config import ROPE_FIELDS, ROPE_TYPES
+
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(field) or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"{source}: field {field!r} is {rope!r}; only one RoPE for all layers is supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{source}: unsupported Llama variant: RoPE scaling {field}.rope_type={kind!r} "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{source}: unsupported Llama variant: partial_rotary_factor={partial} "
+                         f"(RoPE must rotate the whole head)")
+    out = {"rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": kind}
+    for ours in ROPE_FIELDS[kind]:
+        key = _ROPE_KEYS[ours]
+        value = rope.get(key)
+        if ours == "rope_original_context":  # transformers' fallbacks for Llama-3.1's pretraining length
+            value = hf.get(key, value if value is not None else max_positions)
+        if value is None:
+            raise ValueError(f"{source}: {field} of rope_type {kind!r} needs {key!r}")
+        out[ours] = int(value) if ours == "rope_original_context" else float(value)
+    return out
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> Config:
-    """Our Config for an HF Llama config; anything we cannot represent is an error."""
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and HF_ARCHITECTURE not in archs:
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} is not a "
-                         f"Llama model; only LlamaForCausalLM checkpoints can be imported")
+    """Our Config for an HF Llama or Mistral config; anything we cannot represent is an error
+    naming `source` and the field."""
+    arch = _architecture(hf, source)
+    defaults = _HF_DEFAULTS[arch]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if key not in hf:
             raise ValueError(f"{source}: missing field {key!r}")
-    unsupported = []
-    # transformers 4 writes rope_theta/rope_scaling; transformers 5 writes rope_parameters.
-    rope = hf.get("rope_parameters") or {}
-    rope_base = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling")
-    if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-        unsupported.append(f"RoPE scaling {rope or scaling!r} (only plain RoPE is supported)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        unsupported.append("attention_bias/mlp_bias")
+    unsupported = [f"{key}=true" for key in ("attention_bias", "mlp_bias") if hf.get(key)]
     if hf.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act={hf['hidden_act']!r}")
-    n_head = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-        unsupported.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+        unsupported.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
     if unsupported:
         raise ValueError(f"{source}: unsupported Llama variant: {', '.join(unsupported)}")
-    return Config(
-        name=hf.get("_name_or_path") and Path(str(hf["_name_or_path"])).name or "hf-import",
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_embd=hf["hidden_size"],
-        n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        intermediate_size=hf["intermediate_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_base=rope_base,
-    )
+    block_size = hf.get("max_position_embeddings") or defaults["max_position_embeddings"]
+    rope = _rope_from_hf(hf, block_size, source)
+    window = hf.get("sliding_window", defaults["sliding_window"]) if arch == "MistralForCausalLM" else None
+    n_head = hf["num_attention_heads"]
+    try:
+        return Config(
+            name=hf.get("_name_or_path") and Path(str(hf["_name_or_path"])).name or "hf-import",
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_embd=hf["hidden_size"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            intermediate_size=hf["intermediate_size"],
+            block_size=block_size,
+            norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
+            head_dim=hf.get("head_dim"),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            architecture=arch,
+            **rope,
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
 
 
 # ---- weights --------------------------------------------------------------------------
 def state_dict_to_hf(state: dict, config: Config) -> dict:
-    q_dim, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+    """HF's tensors for our state dict; a tied model has no lm_head.weight (transformers ties it)."""
+    q_dim, kv_dim = config.q_dim, config.n_kv_head * config.head_dim
     out = {"model.embed_tokens.weight": state["embed.weight"],
-           "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["lm_head.weight"]}
+           "model.norm.weight": state["norm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
     for i in range(config.n_layer):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = state[ours + "attn.qkv.weight"].split([q_dim, kv_dim, kv_dim], dim=0)
@@ -125,28 +190,40 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
 
 
 def our_names(config: Config) -> list[str]:
-    """Our parameter names, in the order state_dict_from_hf builds them."""
-    return [*_TOP, "lm_head.weight",
+    """Our parameter names (a tied model's lm_head is its embedding: no name of its own), in the
+    order state_dict_from_hf builds them."""
+    return [*_TOP, *([] if config.tie_embeddings else ["lm_head.weight"]),
             *(f"layers.{i}.{suffix}" for i in range(config.n_layer) for suffix in _BLOCK_PARTS)]
 
 
 def tensor_from_hf(name: str, hf, source: str = "HF checkpoint") -> torch.Tensor:
-    """One of our tensors, `name`, from the HF tensors `hf` (a dict, or an HFTensors reading on demand)."""
+    """One of our tensors, `name`, from the HF tensors `hf` (a dict, or an HFTensors reading on demand).
+    A tied checkpoint's lm_head.weight, if it stores one, is never read: transformers uses the embedding."""
     def take(key: str) -> torch.Tensor:
         if key not in hf:
-            raise ValueError(f"{source}: missing tensor {key!r}; is this a LlamaForCausalLM checkpoint?")
+            hint = ("; config.json says tie_word_embeddings: false, so the checkpoint needs its own lm_head"
+                    if key == "lm_head.weight" else "; is this a LlamaForCausalLM or MistralForCausalLM checkpoint?")
+            raise ValueError(f"{source}: missing tensor {key!r}{hint}")
         return hf[key]
 
     if name in _TOP:
         return take(_TOP[name])
     if name == "lm_head.weight":
-        # Tied checkpoints store no lm_head; our model is untied, so it gets its own copy.
-        return hf["lm_head.weight"] if "lm_head.weight" in hf else take(_TOP["embed.weight"]).clone()
+        return take("lm_head.weight")
     layer, _, suffix = name.removeprefix("layers.").partition(".")
     if not name.startswith("layers.") or suffix not in _BLOCK_PARTS:
         raise KeyError(f"{name}: not a parameter of our Llama")
     parts = [take(f"model.layers.{layer}.{part}") for part in _BLOCK_PARTS[suffix]]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def check_tie(hf, config: Config, embedding: torch.Tensor, source: str) -> None:
+    """A tied checkpoint may store lm_head.weight too: the same values are the one tied matrix;
+    different ones are refused (transformers 4 ties them, using the embedding; 5 unties them)."""
+    if config.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], embedding):
+        raise ValueError(f"{source}: tie_word_embeddings is true but the weights hold an lm_head.weight that "
+                         f"differs from model.embed_tokens.weight; set tie_word_embeddings to false to use "
+                         f"both, or remove lm_head.weight to tie them")
 
 
 def state_dict_from_hf(hf: dict, config: Config, source: str = "HF checkpoint") -> dict:
@@ -218,7 +295,7 @@ def is_hf_checkpoint(directory: str | os.PathLike) -> bool:
 
 def load_hf(directory: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
             kernels: str = "auto") -> Llama:
-    """Our Llama with the weights of an HF Llama directory (config.json + safetensors/bin)."""
+    """Our Llama with the weights of an HF Llama or Mistral directory (config.json + safetensors/bin)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -226,6 +303,7 @@ def load_hf(directory: str | os.PathLike, device="cpu", dtype: torch.dtype | Non
     config = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
     hf_state = _read_hf_tensors(directory)
     state = state_dict_from_hf(hf_state, config, source=str(directory))
+    check_tie(hf_state, config, state["embed.weight"], source=str(config_path))
     if config.vocab_size != state["embed.weight"].shape[0]:
         raise ValueError(f"{config_path}: vocab_size {config.vocab_size} but embed_tokens has "
                          f"{state['embed.weight'].shape[0]} rows")
@@ -234,7 +312,8 @@ def load_hf(directory: str | os.PathLike, device="cpu", dtype: torch.dtype | Non
 
 def save_hf(model: Llama, directory: str | os.PathLike, dtype: torch.dtype | None = None,
             bos_id: int = 1, eos_id: int = 2) -> Path:
-    """Write config.json, generation_config.json and model.safetensors in HF's layout."""
+    """Write config.json, generation_config.json and model.safetensors in HF's layout, as the
+    architecture the model was imported as (tied: no lm_head tensor, tie_word_embeddings true)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)

@@ -10,6 +10,11 @@ so the same module runs fused Triton kernels on CUDA and their PyTorch reference
 (`kernels="auto" | "triton" | "torch"`). With `targets`, the forward returns the mean loss
 through the fused linear+cross-entropy, inside the module that owns lm_head, so FSDP2 has
 that weight unsharded there and the full logits are never materialised.
+
+With `config.tie_embeddings` lm_head.weight IS embed.weight: one Parameter, registered
+under both names (`named_parameters()` and the optimizer see it once, `state_dict()` shows
+both keys); the saved file holds it once, as embed.weight. `config.sliding_window` limits
+attention to the most recent tokens (Mistral) in every path: training, documents, KV cache.
 """
 from __future__ import annotations
 
@@ -24,18 +29,10 @@ import kernels
 from model.atomic import atomic_path
 from model.attention import attention
 from model.config import Config
+from model.rope import rope_cache  # noqa: F401  (the one place the RoPE tables are computed)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def rope_cache(config: Config, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_dim) in fp32, HF rotate_half layout."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
 
 
 def _seeded_normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
@@ -101,9 +98,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.sliding_window
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.proj = nn.Linear(config.q_dim, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
                 documents=None):
@@ -115,8 +113,9 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer_idx, k, v, cache_slots)
         elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, mask=mask, documents=documents)
-        return self.proj(y.reshape(B, T, C))
+        # An explicit mask (KV cache) and the documents carry the window themselves.
+        y = attention(q, k, v, mask=mask, documents=documents, window=self.window)
+        return self.proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -153,10 +152,25 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
         # RoPE tables are not buffers: model.to(bf16) must not round them, and after a
         # meta-device build they are simply made on first use on the input's device.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, make lm_head.weight the embedding's Parameter (again: loading
+        with assign=True replaces each module's Parameter on its own)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply gives each module a new Parameter of its own where it cannot convert
+        # in place (to_empty() of a meta build, as Fabric materialises a sharded model): tie again.
+        # Under FSDP2 this runs inside FSDPModule._apply, before it re-registers its sharded params.
+        out = super()._apply(fn, recurse)
+        self.tie_weights()
+        return out
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
@@ -228,7 +242,7 @@ class Llama(nn.Module):
             from model.document_mask import Documents, document_attention_backend
 
             kernel = document_attention_backend(input_ids.device, self.lm_head.weight.dtype, document_backend)
-            documents = Documents(input_ids, document_eos, kernel)
+            documents = Documents(input_ids, document_eos, kernel, window=self.config.sliding_window)
             positions = documents.positions
             cos, sin = rope_cos[positions], rope_sin[positions]
         elif cache_slots is not None:
@@ -247,10 +261,11 @@ class Llama(nn.Module):
             cos, sin = rope_cos[positions], rope_sin[positions]
 
         mask = None
+        window = self.config.sliding_window
         if cache_slots is not None:
-            mask = self._static_cache_mask(cache, cache_slots)
+            mask = self._static_cache_mask(cache, cache_slots, window)
         elif cache is not None:
-            mask = self._cache_mask(cache, B, T, attention_mask, input_ids.device)
+            mask = self._cache_mask(cache, B, T, attention_mask, input_ids.device, window)
         elif attention_mask is not None:
             raise ValueError("attention_mask is only used with a KV cache; for training pad on the right "
                              "and set the padded targets to ignore_index")
@@ -272,7 +287,8 @@ class Llama(nn.Module):
         return self.lm_head(x)
 
     @staticmethod
-    def _cache_mask(cache: KVCache, B: int, T: int, attention_mask, device) -> torch.Tensor:
+    def _cache_mask(cache: KVCache, B: int, T: int, attention_mask, device, window: int | None = None
+                    ) -> torch.Tensor:
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots; {start} used, {T} more requested")
@@ -284,17 +300,24 @@ class Llama(nn.Module):
         key_slot = torch.arange(start + T, device=device)
         query_slot = torch.arange(start, start + T, device=device)
         causal = key_slot[None, :] <= query_slot[:, None]
+        if window is not None:
+            # A row's slots are its positions shifted by its padding, so slot distance is token distance.
+            causal = causal & (key_slot[None, :] > query_slot[:, None] - window)
         # A padding query may see only itself, so its (unused) output stays finite.
         itself = key_slot[None, :] == query_slot[:, None]
         allowed = causal[None] & (cache.valid[:, None, :start + T] | itself[None])
         return allowed[:, None]  # (B, 1, T, S)
 
     @staticmethod
-    def _static_cache_mask(cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, max_len): each new token sees the valid slots up to its own (its own included)."""
+    def _static_cache_mask(cache: KVCache, slots: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """(B, 1, T, max_len): each new token sees the valid slots up to its own (its own included),
+        and with a sliding window only the `window` most recent of them."""
         cache.valid.index_fill_(1, slots, True)
         key_slot = torch.arange(cache.max_len, device=slots.device)
-        allowed = cache.valid[:, None, :] & (key_slot[None, None, :] <= slots[None, :, None])
+        seen = key_slot[None, None, :] <= slots[None, :, None]
+        if window is not None:
+            seen = seen & (key_slot[None, None, :] > slots[None, :, None] - window)
+        allowed = cache.valid[:, None, :] & seen
         return allowed[:, None]
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
@@ -307,12 +330,14 @@ class Llama(nn.Module):
 
     # ---- consolidated checkpoint ----------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors (dtype preserved), each atomically."""
+        """Write config.json + model.safetensors (dtype preserved), each atomically. A tied
+        lm_head is not written: it is embed.weight (safetensors refuses shared tensors anyway)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not (k == "lm_head.weight" and self.config.tie_embeddings)}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         self.config.save(directory / CONFIG_FILE)
@@ -339,6 +364,7 @@ class Llama(nn.Module):
                         source: str = "state dict") -> "Llama":
         with torch.device("meta"):
             model = cls(config, kernels=kernels)
+        state = _untie_state(state, config, source)
         expected = set(model.state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -351,7 +377,20 @@ class Llama(nn.Module):
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, assign=True)
+        model.tie_weights()
         return model.to(device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _untie_state(state: dict, config: Config, source: str) -> dict:
+    """A tied model's weights with lm_head.weight given as the embedding (a saved file holds
+    only embed.weight; a gathered state dict holds both keys, which must then agree)."""
+    if not config.tie_embeddings or "embed.weight" not in state:
+        return state
+    head = state.get("lm_head.weight")
+    if head is not None and head is not state["embed.weight"] and not torch.equal(head, state["embed.weight"]):
+        raise ValueError(f"{source}: config {config.name!r} ties the embeddings (tie_embeddings) but "
+                         f"lm_head.weight differs from embed.weight")
+    return {**state, "lm_head.weight": state["embed.weight"]}

@@ -290,6 +290,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
+    if not path.is_dir():
+        raise ValueError(not_a_model_directory(path))
     if hf.is_hf_checkpoint(path) or ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()) \
             or is_training_checkpoint(path):
         return path
@@ -301,6 +303,19 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     raise ValueError(f"{path}: not a model directory; expected an HF Llama dir, a consolidated dir "
                      f"({CONFIG_FILE} + {WEIGHTS_FILE}), a training checkpoint (step-NNNNNN with {MARKER}) "
                      f"or a pretraining output dir (final/ or checkpoints/)")
+
+
+def not_a_model_directory(path: Path) -> str:
+    """Why a file given where a checkpoint directory belongs cannot be read, and what to do instead."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return (f"{path}: a GGUF file (llama.cpp's format), not a model directory; convert it to an HF "
+                f"directory first, e.g. with transformers (pip install gguf): AutoModelForCausalLM."
+                f"from_pretrained(DIR, gguf_file=NAME) then save_pretrained(OUT), and pass OUT")
+    return (f"{path}: a file, not a model directory; pass the directory that holds it (an HF Llama/Mistral "
+            f"dir with config.json, a consolidated dir with {CONFIG_FILE} + {WEIGHTS_FILE}, or a training "
+            f"checkpoint step-NNNNNN)")
 
 
 def load_model_from_any(path: str | os.PathLike, kernels: str = "auto") -> Llama:

@@ -90,7 +90,9 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
         # Blocks free their gathered weights after forward and re-gather them for backward.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     # The root's parameters (embedding, norm, lm_head) are needed again right at the start
-    # of backward, so keeping them gathered saves one all-gather per step.
+    # of backward, so keeping them gathered saves one all-gather per step. A tied embedding
+    # and lm_head (one Parameter) must be in one FSDP unit, as torchtitan keeps them: this one,
+    # which gathers it once for both uses and reduces its two gradient contributions together.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 

@@ -10,8 +10,9 @@ them from the checkpoint:
     our consolidated dir   each parameter's rows of this rank, read from model.safetensors
                            straight into the shard (model/tensor_file.py: plain reads, no
                            memory map)
-    HF Llama dir           each parameter whole (q/k/v and gate/up are concatenated from
-                           HF's separate tensors), then this rank's rows kept
+    HF Llama/Mistral dir   each parameter whole (q/k/v and gate/up are concatenated from
+                           HF's separate tensors), then this rank's rows kept; a tied model's
+                           one embedding/lm_head parameter is read once, from embed_tokens
     training checkpoint    torch.distributed.checkpoint reads this rank's pieces (it reshards)
 
 So a rank's extra memory while loading is its shards, plus one full parameter at a time from
@@ -117,6 +118,8 @@ def _fill_from_hf(model: nn.Module, directory: Path, config: Config) -> None:
         if name == "embed.weight" and full.shape[0] != config.vocab_size:
             raise ValueError(f"{directory / CONFIG_FILE}: vocab_size {config.vocab_size} but embed_tokens has "
                              f"{full.shape[0]} rows")
+        if name == "embed.weight":
+            hf.check_tie(tensors, config, full, source=str(directory / CONFIG_FILE))
         _check_shape(name, full.shape, param, config, source)
         start, stop = local_rows(param)
         local = param.to_local() if isinstance(param, DTensor) else param

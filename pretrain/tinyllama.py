@@ -235,13 +235,14 @@ def train(args: PretrainOptions) -> int:
         fabric.print(f"ignoring incomplete checkpoint {bad} (no COMPLETE marker: cut off mid-write)")
     if resume_path is not None:
         loaded = load_training_checkpoint(fabric, resume_path, model, optimizer)
-        if loaded.get("config") != config.to_dict():
+        # Compared as Configs: a checkpoint saved before a Config field existed holds its default.
+        if loaded.get("config") is None or Config.from_dict(loaded["config"]) != config:
             raise CheckpointError(f"{resume_path}: saved model config {loaded.get('config')} differs from this "
                                   f"run's {config.to_dict()}; resume with the same --config/--vocab-size/--block-size")
         if loaded.get("global_batch_size") != args.global_batch_size:
             raise CheckpointError(f"{resume_path}: saved with --global-batch-size {loaded.get('global_batch_size')}, "
                                   f"this run has {args.global_batch_size}; the data order depends on it")
-        train_state.update(loaded)
+        train_state.update(loaded, config=config.to_dict())
         fabric.print(f"resumed from {resume_path} at step {train_state['step']} "
                      f"({train_state['tokens_seen']:,} tokens seen)")
     elif args.resume == "auto":

@@ -3,13 +3,16 @@
     python scripts/convert_hf.py export --ckpt DIR --out HF_DIR [--tokenizer FILE] [--dtype bf16]
     python scripts/convert_hf.py import --hf HF_DIR --out DIR [--dtype bf16]
 
-The exported directory loads with transformers.LlamaForCausalLM.from_pretrained (and
+The exported directory loads with transformers' AutoModelForCausalLM as the class it was
+imported as (LlamaForCausalLM, or MistralForCausalLM), tied or not as it came (and
 AutoTokenizer when --tokenizer is given or the checkpoint has a tokenizer). The tokenizer keeps
 its kind: a sentencepiece tokenizer.model, or an HF tokenizer.json with its tokenizer_config.json
 and special_tokens_map.json; the checkpoint's chat template goes into tokenizer_config.json and
 generation_config.json's eos_token_id lists every id generation stops on (the tokenizer's EOS
 ids and the template's end-of-turn token). Import copies the HF directory's tokenizer files
-(and chat_template.jinja) beside the weights.
+(and chat_template.jinja) beside the weights. `--ckpt` and `--hf` are resolved as every command
+resolves a checkpoint (pretrain/checkpoint.py `resolve_model_dir`); an unsupported architecture,
+a GGUF or other file is refused (exit 2) before anything is written.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from model import Llama
-from model.hf import load_hf, save_hf, save_hf_tokenizer
+from model.hf import is_hf_checkpoint, load_hf, save_hf, save_hf_tokenizer
+from pretrain.checkpoint import CheckpointError, load_model_from_any, resolve_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,12 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="our checkpoint -> HF directory")
-    exp.add_argument("--ckpt", required=True, type=Path, help="directory with config.json + model.safetensors")
+    exp.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory: ours (config.json + "
+                     "model.safetensors), a pretraining checkpoint or output directory, or an HF directory")
     exp.add_argument("--out", required=True, type=Path, help="HF directory to write")
     exp.add_argument("--tokenizer", type=Path, help="tokenizer to include: a sentencepiece .model, an HF "
                      "tokenizer.json or a directory holding one (default: the checkpoint's, if any)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the saved dtype)")
-    imp = sub.add_parser("import", help="HF Llama directory -> our checkpoint")
+    imp = sub.add_parser("import", help="HF Llama/Mistral directory -> our checkpoint")
     imp.add_argument("--hf", required=True, type=Path, help="HF directory (config.json + safetensors or bin)")
     imp.add_argument("--out", required=True, type=Path, help="directory to write our checkpoint to")
     imp.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the stored dtype)")
@@ -47,7 +51,8 @@ def export(args: argparse.Namespace) -> None:
     from finetune.chat import JINJA_FILE, ChatTemplate
     from finetune.conversation import find_chat_format, load_chat_template
 
-    model = Llama.load(args.ckpt)
+    args.ckpt = resolve_model_dir(args.ckpt)
+    model = load_model_from_any(args.ckpt)
     tok = None
     if args.tokenizer is not None or tokenizer_file(args.ckpt) is not None:
         tok = load_tokenizer(args.ckpt, args.tokenizer, model_vocab_size=model.config.vocab_size)
@@ -69,7 +74,11 @@ def export(args: argparse.Namespace) -> None:
 def import_(args: argparse.Namespace) -> None:
     from data_prep.tokenizer import tokenizer_files
 
-    model = load_hf(args.hf, dtype=DTYPES.get(args.dtype))
+    hf_dir = resolve_model_dir(args.hf)
+    if not is_hf_checkpoint(hf_dir):
+        raise ValueError(f"--hf {args.hf}: not a Hugging Face model directory (a config.json naming its "
+                         f"architectures); for our own checkpoints use them directly or `export`")
+    model = load_hf(hf_dir, dtype=DTYPES.get(args.dtype))
     model.save(args.out)
     for name, path in tokenizer_files(args.hf).items():
         shutil.copyfile(path, args.out / name)
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         export(args) if args.command == "export" else import_(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # bad input, as in every CLI of the project
     return 0

@@ -246,3 +246,42 @@ def hf_tokenizers(tmp_path_factory) -> dict[str, Path]:
         "zephyr": write_hf_tokenizer(root / "zephyr", tok, {
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, bos="<s>", template=ZEPHYR_TEMPLATE),
     }
+
+
+# ---- tiny random Hugging Face models of each architecture we import ----------------------------
+# name -> (transformers class, config fields beyond TINY_HF_BASE). All have GQA (4 query heads,
+# 2 KV heads) and the tiny tokenizer's 512 ids; their context (64) exceeds the test sequences.
+TINY_HF_BASE = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                    initializer_range=0.1)  # larger than HF's 0.02, so attention is far from uniform
+TINY_HF_MODELS = {
+    # Llama-3.2-style: tied, rope_type llama3, head_dim 16 where hidden/heads is 12. With theta
+    # 500000 and an original context of 48 its 8 frequencies fall in all three llama3 bands
+    # (wavelengths 6.3 < 48/4: kept; 32.4: interpolated; 167 and longer > 48/1: divided by 8).
+    "llama3": ("LlamaForCausalLM", dict(
+        tie_word_embeddings=True, head_dim=16,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 48})),
+    "linear-rope": ("LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "mistral": ("MistralForCausalLM", dict(sliding_window=None, tie_word_embeddings=False)),
+    # a window of 6 tokens: every test sequence (>= 12 tokens) is longer than it
+    "mistral-window": ("MistralForCausalLM", dict(sliding_window=6, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Each TINY_HF_MODELS entry built with random weights by transformers and saved with
+    save_pretrained (as a downloaded checkpoint is laid out): name -> directory."""
+    transformers = require_module("transformers")
+    root = tmp_path_factory.mktemp("tiny_hf")
+    paths = {}
+    for i, (name, (cls_name, fields)) in enumerate(TINY_HF_MODELS.items()):
+        cls = getattr(transformers, cls_name)
+        config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+        torch.manual_seed(100 + i)
+        model = cls(config_cls(**TINY_HF_BASE, **fields)).eval()
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths

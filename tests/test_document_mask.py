@@ -69,10 +69,12 @@ def test_each_document_is_computed_as_if_alone():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [None, 5])  # 5: Mistral's sliding window, shorter than the documents
 @torch.no_grad()
-def test_flex_attention_kernel_matches_the_dense_mask():
+def test_flex_attention_kernel_matches_the_dense_mask(window):
     # FlexAttention has no backward on a CPU (its compiled CUDA kernel has): forward here.
-    model = tiny_model()
+    model = tiny_model() if window is None else Llama(
+        Config.from_name("tiny", architecture="MistralForCausalLM", sliding_window=window), kernels="torch")
     x = torch.cat([three_documents(seed=s)[0] for s in (3, 4)])
     torch.testing.assert_close(model(x, document_eos=EOS, document_backend="flex"),
                                model(x, document_eos=EOS, document_backend="sdpa-mask"), rtol=0, atol=1e-5)

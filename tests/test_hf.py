@@ -1,7 +1,8 @@
 """HF interoperability: export -> transformers loads the same logits; an HF random Llama
 imports to the same logits from each layout real checkpoints use (model.safetensors, sharded
 safetensors with an index, pytorch_model.bin with and without an index); tokenizer files
-load; bad directories, missing shards and RoPE scaling are clear errors (exit 2)."""
+load; bad directories, missing shards and unsupported RoPE scaling are clear errors (exit 2).
+Tied, llama3/linear RoPE, explicit head_dim and Mistral: tests/test_hf_architectures.py."""
 import json
 import subprocess
 import sys
@@ -64,18 +65,6 @@ def test_import_random_hf_llama_matches_logits(tmp_path, repo_root):
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
-def test_tied_hf_checkpoint_imports_untied(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    ours = load_hf(tmp_path / "hf", kernels="torch")
-    assert torch.equal(ours.lm_head.weight, ours.embed.weight)
-    x = torch.randint(0, 128, (1, 12))
-    with torch.no_grad():
-        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
-
-
 def test_round_trip_export_import_is_exact(tmp_path, repo_root):
     model = Llama(Config.from_name("tiny"), kernels="torch").to(torch.bfloat16)
     model.save(tmp_path / "a")
@@ -94,7 +83,7 @@ def test_non_llama_directory_is_a_clear_error(tmp_path, repo_root):
     assert result.returncode != 0
     assert "not a Llama model" in result.stderr and "gpt2" in result.stderr
     result = run_convert("import", "--hf", tmp_path / "missing", "--out", tmp_path / "x", cwd=repo_root)
-    assert result.returncode != 0 and "config.json" in result.stderr
+    assert result.returncode == 2 and f"{tmp_path / 'missing'}: no such model directory" in result.stderr
 
 
 def test_mismatched_hf_weights_name_the_tensor(tmp_path):
@@ -180,11 +169,10 @@ def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path, index_name):
 
 
 ROPE_SCALING = {
-    # transformers 4 configs (Llama 3.1, CodeLlama-style linear scaling, old "type" key)
-    "llama3 rope_scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-    "linear, old key": {"rope_scaling": {"type": "linear", "factor": 2.0}},
-    # transformers 5 configs keep it in rope_parameters
+    # transformers 4 configs (rope_scaling, old "type" key) and 5 (rope_parameters); default, linear
+    # and llama3 are supported (tests/test_hf_architectures.py), these are not
+    "dynamic rope_scaling": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    "yarn, old key": {"rope_scaling": {"type": "yarn", "factor": 2.0}},
     "dynamic rope_parameters": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
 }
 
@@ -200,17 +188,16 @@ def test_rope_scaling_is_refused_with_a_clear_message(tmp_path, repo_root, case)
     config_path.write_text(json.dumps(config))
     result = run_convert("import", "--hf", tmp_path / "hf", "--out", tmp_path / "ours", cwd=repo_root)
     assert result.returncode == 2, result.stderr
-    assert f"{config_path}: unsupported Llama variant: RoPE scaling" in result.stderr
-    assert "only plain RoPE is supported" in result.stderr
-    kind = next(iter(ROPE_SCALING[case].values()))
-    assert repr(kind.get("rope_type", kind.get("type"))) in result.stderr
+    field, kind = next(iter(ROPE_SCALING[case].items()))
+    assert f"{config_path}: unsupported Llama variant: RoPE scaling {field}.rope_type=" \
+           f"{kind.get('rope_type', kind.get('type'))!r} (supported: default, linear, llama3)" in result.stderr
     assert not (tmp_path / "ours").exists()
 
 
 def test_rope_scaling_written_by_transformers_is_refused(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0})
+                                   num_attention_heads=4, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ValueError, match=r"RoPE scaling .*'linear'.*\(only plain RoPE is supported\)"):
+    with pytest.raises(ValueError, match=r"RoPE scaling .*'dynamic' \(supported: default, linear, llama3\)"):
         load_hf(tmp_path / "hf")
