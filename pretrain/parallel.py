@@ -213,13 +213,12 @@ def sharding_description(fabric, model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global L2 norm of all gradients (over all shards and ranks); scales them to `max_norm` (<= 0: no clip).
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of all gradients (over all shards and ranks), on the device (no host sync).
 
     `torch.nn.utils.get_total_norm` over the DTensor gradients gives a partial norm that
     `full_tensor()` all-reduces; gradients that are plain tensors (not sharded, so the same
-    on every rank) are added to it locally. The norm stays on the device (no host sync);
-    it may be inf/nan, which the caller checks once per step.
+    on every rank) are added to it locally. It may be inf/nan, which the engine checks.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -233,12 +232,33 @@ def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     if plain:
         norm = torch.nn.utils.get_total_norm(plain, norm_type=2.0, foreach=True)
         squares.append(norm.float().to(squares[0].device if squares else norm.device) ** 2)
-    total = torch.stack(squares).sum().sqrt()
-    if max_norm is not None and max_norm > 0:
-        # Scales by min(1, max_norm / total) on the device; with a non-finite total the step is skipped anyway.
-        with_grad = [p for p in model.parameters() if p.grad is not None]
-        for group in ([p for p in with_grad if isinstance(p.grad, DTensor)],
-                      [p for p in with_grad if not isinstance(p.grad, DTensor)]):
-            if group:
-                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return torch.stack(squares).sum().sqrt()
+
+
+def clip_divisor(total: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """What to divide the gradients by to clip them to `max_norm` (1 when under it or with no clip):
+    `1 / min(1, max_norm / (total + 1e-6))`, torch's clip_grad_norm_ factor, as a device
+    tensor for the fused optimizer's `grad_scale`."""
+    if max_norm is None or max_norm <= 0:
+        return torch.ones((), device=total.device)
+    return 1.0 / torch.clamp(max_norm / (total.float() + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def clip_with_norm(model: nn.Module, max_norm: float | None, total: torch.Tensor) -> None:
+    """Scale the gradients in place by min(1, max_norm / total) on the device (<= 0: no clip)."""
+    if max_norm is None or max_norm <= 0:
+        return
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    for group in ([p for p in with_grad if isinstance(p.grad, DTensor)],
+                  [p for p in with_grad if not isinstance(p.grad, DTensor)]):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """`grad_norm`, then the gradients clipped in place to `max_norm` (<= 0: no clip); returns the norm."""
+    total = grad_norm(model)
+    clip_with_norm(model, max_norm, total)
     return total

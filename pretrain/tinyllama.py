@@ -312,20 +312,21 @@ def train(args: PretrainOptions) -> int:
         return loss_fn
 
     last_saved = start_step if resume_path is not None else None
-    window_losses: list[float] = []
+    window: list = []  # this log window's StepResults, read at log time (nothing waits for the device before)
     step, exit_reason = start_step, "done"
     model.train()
     try:
         while step < end_step:
             profiler = StepProfiler(out, rank) if args.profile_step == step + 1 else None
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            result = engine.step(range(accum), micro_loss(step + 1), lr, step_number=step + 1)
-            if not result.skipped:
-                window_losses.append(result.sums["loss"] / (accum * world))
+            # The stop flag rides in the step's all-reduced statistics: every rank reads the same
+            # sum one step later and stops at the same step boundary, with no collective of its own.
+            result = engine.step(range(accum), micro_loss(step + 1), lr, step_number=step + 1,
+                                 flags={"stop": 1.0 if stop.received else 0.0})
+            window.append(result)
             step += 1
             train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
-                               next_sample_index=step * args.global_batch_size,
-                               skipped_steps=engine.skipped_steps)
+                               next_sample_index=step * args.global_batch_size)
             meter.add(tokens_per_step, args.global_batch_size)
             if profiler is not None:
                 with meter.paused():  # the profiler's bookkeeping is not training throughput
@@ -334,8 +335,11 @@ def train(args: PretrainOptions) -> int:
                 time.sleep(args.debug_step_delay)
 
             if step % args.log_every == 0 or step == end_step:
+                engine.settle()  # counts this step's skip (or stops the run) before it is logged
+                train_state["skipped_steps"] = engine.skipped_steps
                 rate = meter.read()
                 tps = rate["tokens_per_sec"]
+                window_losses = [r.sums["loss"] / (accum * world) for r in window if not r.skipped]
                 metrics = {
                     "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "lr": lr, "grad_norm": result.grad_norm,
@@ -353,7 +357,7 @@ def train(args: PretrainOptions) -> int:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                          mfu="n/a" if peak is None else f"{metrics['mfu']:.1%}",
                                          mem=f"{metrics['peak_memory_gb']:.1f}GB", refresh=False)
-                window_losses = []
+                window = []
             if progress is not None:
                 progress.update(1)
 
@@ -364,18 +368,19 @@ def train(args: PretrainOptions) -> int:
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
 
             if step % args.save_every == 0 and step != end_step:
+                engine.settle()
+                train_state["skipped_steps"] = engine.skipped_steps
                 save(step)
                 last_saved = step
-            # Every rank must agree to stop, or the collectives of the save would hang.
-            signalled = torch.tensor(1.0 if stop.received else 0.0, device=fabric.device)
-            if world > 1:
-                signalled = fabric.all_reduce(signalled, reduce_op="sum")
-            if signalled.item() > 0:
+            settled = engine.settled  # the step before this one (or this one, after a log or save)
+            if settled is not None and settled.flags["stop"] > 0:
                 exit_reason = "signal"
                 break
     finally:
         if progress is not None:
             progress.close()
+    engine.settle()
+    train_state["skipped_steps"] = engine.skipped_steps
 
     if args.compile:
         fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
