@@ -63,6 +63,10 @@ class CommonOptions:
     kernels: str = opt("auto", "kernel backend: auto = Triton on CUDA (an error if Triton is missing), "
                                "PyTorch references on CPU; torch = the references everywhere",
                        choices=list(kernels.BACKENDS))
+    cuda_allocator: str = opt("expandable", "CUDA caching allocator: expandable = expandable_segments:True in "
+                                           "PYTORCH_CUDA_ALLOC_CONF (less fragmentation, lower reserved memory) "
+                                           "unless you set expandable_segments there yourself; default = "
+                                           "PyTorch's own", choices=["expandable", "default"])
     wandb_mode: str = opt("offline", "offline writes OUT/wandb and never uses the network; `wandb sync` "
                                      "uploads later", choices=["offline", "online", "disabled"])
 
@@ -80,6 +84,7 @@ def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, comp
     `options.precision` None: bf16-mixed on CUDA, 32-true on CPU (`fabric.train_precision` holds the choice).
     """
     precision = options.precision or default_precision(os.environ.get("LT_ACCELERATOR", options.accelerator))
+    configure_cuda_allocator(options.cuda_allocator)
     devices = options.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -93,6 +98,25 @@ def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, comp
 
         seed_everything(seed, verbose=False)
     return fabric
+
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def configure_cuda_allocator(choice: str, environ=os.environ) -> str:
+    """Apply --cuda-allocator before the first CUDA allocation; returns what the allocator runs with.
+
+    expandable: `expandable_segments:True` is added to PYTORCH_CUDA_ALLOC_CONF (kept by the
+    processes Fabric spawns), unless the variable already says expandable_segments either way:
+    a setting the user made is never overridden. default: nothing is changed.
+    """
+    current = environ.get(ALLOC_CONF, "")
+    if choice == "expandable" and "expandable_segments" not in current:
+        environ[ALLOC_CONF] = ",".join(filter(None, [current, "expandable_segments:True"]))
+        if environ is os.environ and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # The allocator read the variable already: set the same option on the live allocator.
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return environ.get(ALLOC_CONF) or "PyTorch's default"
 
 
 def shard_model(fabric, model: nn.Module) -> nn.Module:
@@ -418,11 +442,13 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "world_size": fabric.world_size,
         "device": torch.cuda.get_device_name(fabric.device) if fabric.device.type == "cuda" else str(fabric.device),
+        "cuda_allocator": (os.environ.get(ALLOC_CONF) or "PyTorch's default") if fabric.device.type == "cuda"
+        else "n/a (no CUDA)",
         "torch": torch.__version__,
     }
 
 
 def print_run_description(fabric, description: dict) -> None:
-    fabric.print("backends: " + ", ".join(f"{k} {description[k]}" for k in
-                                         ("attention", "kernels", "precision", "reduce_dtype", "device")))
+    shown = ("attention", "kernels", "precision", "reduce_dtype", "device", "cuda_allocator")
+    fabric.print("backends: " + ", ".join(f"{k} {description[k]}" for k in shown if k in description))
     fabric.print(f"sharding: {description['sharding']}")
