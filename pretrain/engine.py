@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import kernels
 from model import Config, Llama
-from model.attention import attention_backend
+from model.attention import attention_backend, select_attention_kernel
 from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
 from pretrain.options import opt
 from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_divisor, clip_with_norm,
@@ -422,6 +422,29 @@ def graph_breaks() -> int:
     except ImportError:  # pragma: no cover - torch without dynamo
         return 0
     return int(sum(counters["graph_break"].values()))
+
+
+# ---- the attention kernel ------------------------------------------------------------------
+def select_attention(fabric, config: Config, micro_batch: int, compute_dtype: torch.dtype) -> dict:
+    """Measure the causal attention kernels at the run's shapes (CUDA) and use the fastest on every
+    rank (timings summed over ranks); printed, and returned for OUT/config.yaml."""
+    if config.sliding_window is not None and config.sliding_window < config.block_size:
+        return {}  # a window goes through flash-attn's window or a mask: the causal measurement says nothing
+
+    def agree(timings: dict) -> dict:
+        names = sorted(timings)
+        vector = torch.tensor([math.inf if timings[k] is None else timings[k] for k in names], device=fabric.device)
+        if fabric.world_size > 1:
+            vector = fabric.all_reduce(vector, reduce_op="sum")
+        return {k: (v if math.isfinite(v) else None) for k, v in zip(names, vector.tolist())}
+
+    kernel, timings = select_attention_kernel(fabric.device, compute_dtype, micro_batch, config.block_size,
+                                              config.n_head, config.n_kv_head, config.head_dim, agree=agree)
+    if timings:
+        shown = ", ".join(f"{k} {'refused' if ms is None else f'{ms:.2f} ms'}" for k, ms in timings.items())
+        fabric.print(f"attention kernel: {kernel}, the fastest causal forward + backward at micro-batch "
+                     f"{micro_batch} x {config.block_size} (summed over {fabric.world_size} rank(s): {shown})")
+    return {"attention_timings_ms": timings}
 
 
 # ---- what runs ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, p
                            validation_indices)
 from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, TrainingError, build_optimizer,
                              graph_breaks, init_model, memory_metrics, mfu_metrics, print_run_description,
-                             run_description, setup_fabric)
+                             run_description, select_attention, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
@@ -53,8 +53,9 @@ class PretrainOptions(CommonOptions):
                                        "an HF tokenizer.json, or a directory holding one with its JSON files)")
     document_mask: bool = opt(False, "attend only within each document of a window (documents end with the shards' "
                                      "EOS) and restart RoPE positions at each document; see docs/pretrain.md")
-    document_attention: str = opt("auto", "kernel for --document-mask; auto: flash-attn varlen, else "
-                                          "flex_attention on CUDA, else SDPA with a dense mask",
+    document_attention: str = opt("auto", "kernel for --document-mask; auto: flex_attention on CUDA (no host "
+                                          "wait), SDPA with a dense mask on CPU; flash-varlen: flash-attn's "
+                                          "(one host wait per micro-batch)",
                                   choices=["auto", "flash-varlen", "flex", "sdpa-mask"])
     # data
     data: list[str] | None = opt(None, "token-shard directories with mixture weights; default: "
@@ -225,7 +226,9 @@ def train(args: PretrainOptions) -> int:
     model = init_model(fabric, config, args.kernels, args.seed)
     optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay,
                                 betas=(args.beta1, args.beta2), eps=args.adam_eps)
-    resolved = run_description(fabric, model, args.kernels)
+    compute_dtype = torch.bfloat16 if fabric.train_precision == "bf16-mixed" else torch.float32
+    attention_choice = select_attention(fabric, config, args.micro_batch_size, compute_dtype)
+    resolved = run_description(fabric, model, args.kernels) | attention_choice
 
     run_args = as_dict(args)
     train_state = {"step": 0, "tokens_seen": 0, "next_sample_index": 0, "skipped_steps": 0,
