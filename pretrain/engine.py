@@ -35,7 +35,7 @@ from model import Config, Llama
 from model.attention import attention_backend, select_attention_kernel
 from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
 from pretrain.options import opt
-from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_divisor, clip_with_norm,
+from pretrain.parallel import (FSDP_MODES, PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_divisor, clip_with_norm,
                                default_precision, grad_norm, launch, mesh_description, set_gradient_sync,
                                sharding_description, unwrap)
 
@@ -60,6 +60,10 @@ class CommonOptions:
                         choices=SHARDINGS)
     shard_size: int | None = opt(None, "ranks per shard group with --sharding hsdp (default: processes per node)",
                                  minimum=1)
+    fsdp_mode: str = opt("shard", "shard: blocks free their gathered weights after forward and after backward; "
+                                  "keep: the gathered weights stay from forward to backward and across the "
+                                  "micro-batches of a step (fewer copies, more memory; docs/pretrain.md)",
+                         choices=list(FSDP_MODES))
     kernels: str = opt("auto", "kernel backend: auto = Triton on CUDA (an error if Triton is missing), "
                                "PyTorch references on CPU; torch = the references everywhere",
                        choices=list(kernels.BACKENDS))
@@ -91,7 +95,7 @@ def setup_fabric(options: CommonOptions, *, activation_checkpointing=False, comp
     fabric = build_fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
                           precision=precision, reduce_dtype=options.reduce_dtype,
                           activation_checkpointing=activation_checkpointing, compile=compile,
-                          sharding=options.sharding, shard_size=options.shard_size)
+                          sharding=options.sharding, shard_size=options.shard_size, fsdp_mode=options.fsdp_mode)
     launch(fabric)
     if seed is not None:
         from lightning.fabric.utilities.seed import seed_everything
@@ -129,16 +133,20 @@ def shard_model(fabric, model: nn.Module) -> nn.Module:
         return fabric.setup_module(model)
 
 
-def init_model(fabric, config: Config, kernels_backend: str, seed: int) -> nn.Module:
+def init_model(fabric, config: Config, kernels_backend: str, seed: int,
+               convert: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """A freshly initialised, sharded Llama: no rank ever holds the full fp32 weights.
 
     Built on the meta device, sharded and materialised by Fabric (which runs the generic
     reset_parameters, not ours), then `init_weights(seed)` draws every parameter from its
     own seeded generator, so the weights depend on --seed only: not on the world size, and
-    not on whatever used the RNGs before.
+    not on whatever used the RNGs before. `convert` (e.g. --fp8's) changes the meta build's
+    modules in place before sharding, keeping the parameter names.
     """
     with torch.device("meta"):
         model = Llama(config, kernels=kernels_backend)
+    if convert is not None:
+        convert(model)
     wrapped = shard_model(fabric, model)
     unwrap(wrapped).init_weights(seed=seed)
     return wrapped
@@ -253,6 +261,7 @@ class Engine:
         self.pending: StepResult | None = None  # the last step, not yet counted
         self.settled: StepResult | None = None  # the last step counted
         self.on_device = skips_on_device(optimizer)
+        self.keep_gathered = getattr(fabric, "fsdp_mode", "shard") == "keep"
 
     def step(self, micro_batches: Iterable, loss_fn: LossFn, lr: float, step_number: int,
              flags: dict[str, float] | None = None) -> StepResult:
@@ -268,14 +277,14 @@ class Engine:
         sums: dict[str, torch.Tensor] = {}
         try:
             for i, micro in enumerate(items):
-                set_gradient_sync(self.model, i == len(items) - 1)
+                set_gradient_sync(self.model, i == len(items) - 1, self.keep_gathered)
                 loss, stats = loss_fn(micro)
                 fabric.backward(loss)
                 for key, value in stats.items():
                     value = value.detach().float().reshape(())
                     sums[key] = sums[key] + value if key in sums else value
         finally:
-            set_gradient_sync(self.model, True)
+            set_gradient_sync(self.model, True, self.keep_gathered)
         keys, flag_keys = sorted(sums), sorted(flags or {})
         device = next(iter(sums.values())).device if sums else fabric.device
         # Flags are filled on the device (no host-to-device copy to wait for).
@@ -463,6 +472,7 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
         f"{mesh_description(fabric)} (training stages)",
         "precision": precision,
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
+        "fsdp_mode": getattr(fabric, "fsdp_mode", "shard"),
         "world_size": fabric.world_size,
         "device": torch.cuda.get_device_name(fabric.device) if fabric.device.type == "cuda" else str(fabric.device),
         "cuda_allocator": (os.environ.get(ALLOC_CONF) or "PyTorch's default") if fabric.device.type == "cuda"
@@ -472,6 +482,6 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
 
 
 def print_run_description(fabric, description: dict) -> None:
-    shown = ("attention", "kernels", "precision", "reduce_dtype", "device", "cuda_allocator")
+    shown = ("attention", "kernels", "precision", "reduce_dtype", "fsdp_mode", "device", "cuda_allocator")
     fabric.print("backends: " + ", ".join(f"{k} {description[k]}" for k in shown if k in description))
     fabric.print(f"sharding: {description['sharding']}")

@@ -176,17 +176,20 @@ MAIN_LOSSES = [6.5455851554870605, 6.307528495788574, 5.934535980224609, 5.53866
                3.1775119304656982, 2.9264278411865234, 3.1124093532562256, 2.8008275032043457, 2.923621892929077]
 
 
-def test_a_20_step_run_has_the_losses_main_produced(tmp_path):
+@pytest.mark.parametrize("fsdp_mode", ["shard", "keep"])
+def test_a_20_step_run_has_the_losses_main_produced(tmp_path, fsdp_mode):
+    """--fsdp-mode keep (gathered weights kept across micro-batches) computes the same steps."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_pretrain_run import SCRIPT, base_args, env, learnable_corpus
 
     learnable_corpus(tmp_path / "a", 0)
     learnable_corpus(tmp_path / "b", 1)
-    args = base_args(tmp_path, tmp_path / "out", "--no-save")
+    args = base_args(tmp_path, tmp_path / "out", "--no-save", "--fsdp-mode", fsdp_mode)
     args[args.index("--max-steps") + 1] = "20"
     proc = subprocess.run([sys.executable, str(SCRIPT)] + args, env=env(tmp_path), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"fsdp_mode {fsdp_mode}" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     got = [r["loss"] for r in rows if "loss" in r]
     # Fused AdamW divides by the clip divisor where torch multiplies by the factor: ~1e-7 apart.
