@@ -84,6 +84,8 @@ class PretrainOptions(CommonOptions):
     # parallelism and precision (and --accelerator, --devices, --num-nodes, --precision, --reduce-dtype, --kernels)
     activation_checkpointing: bool = opt(False, "recompute each block in backward")
     compile: bool = opt(False, "torch.compile each block (graph breaks are logged as graph_breaks)")
+    fp8: bool = opt(False, "float8 matmuls in the block linears through torchao (pip install -e '.[fp8]'; CUDA "
+                           "capability >= 8.9); lm_head stays bf16; use with --compile (docs/pretrain.md)")
     # output
     out: Path = opt(help="output directory (config.yaml, checkpoints/, final/, metrics.jsonl)")
     save_every: int = opt(1000, "checkpoint every N steps (and at the end)", minimum=1)
@@ -104,6 +106,7 @@ class PretrainOptions(CommonOptions):
     debug_nan_steps: str = opt("", hidden=True)
     debug_inf_grad_steps: str = opt("", hidden=True)
     debug_step_delay: float = opt(0.0, hidden=True)
+    debug_fp8_emulate: bool = opt(False, hidden=True)  # torchao's float8 emulation: --fp8 on CPU in tests
 
     def problems(self) -> list[str]:
         problems = []
@@ -148,12 +151,19 @@ class StepProfiler:
         self.path = out / "profile" / f"step-rank{rank}.json"
         self.prof = profile(activities=activities)
         self.prof.__enter__()
+        self.start = time.perf_counter()
 
     def finish(self, fabric, step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
         self.prof.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if torch.cuda.is_available():
+            # Kernel time over the step's wall time: how much of the step the GPU was busy.
+            busy = sum(e.self_device_time_total for e in self.prof.key_averages()) / 1e6
+            fabric.print(f"profile: GPU busy {busy * 1e3:.1f} ms of the {wall * 1e3:.1f} ms step "
+                         f"({busy / wall:.1%})")
         self.prof.export_chrome_trace(str(self.path))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         fabric.print(f"profile of step {step} (trace: {self.path}):\n"
@@ -223,7 +233,21 @@ def train(args: PretrainOptions) -> int:
     val_specs = default_val_dirs(args)
     val_sampler = MixtureSampler(val_specs, block, VAL_SEED, config.vocab_size) if val_specs and args.val_batches else None
 
-    model = init_model(fabric, config, args.kernels, args.seed)
+    convert, fp8_all_gather = None, False
+    if args.fp8:
+        from pretrain import fp8
+
+        problem = fp8.fp8_problem(fabric.device, args.debug_fp8_emulate)
+        if problem:
+            raise ValueError(problem)
+        fp8_all_gather = fabric.device.type == "cuda"  # torchao's float8 all-gather is CUDA's
+        converted = []
+        convert = lambda m: converted.append(fp8.convert_fp8(m, args.debug_fp8_emulate, fp8_all_gather))  # noqa: E731
+    model = init_model(fabric, config, args.kernels, args.seed, convert=convert)
+    if args.fp8:
+        fabric.print(fp8.fp8_description(converted[0], fp8_all_gather, args.debug_fp8_emulate))
+        if not args.compile:
+            fabric.print("fp8: without --compile the float8 casts run as separate kernels; add --compile for speed")
     optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay,
                                 betas=(args.beta1, args.beta2), eps=args.adam_eps)
     compute_dtype = torch.bfloat16 if fabric.train_precision == "bf16-mixed" else torch.float32
@@ -327,6 +351,8 @@ def train(args: PretrainOptions) -> int:
             result = engine.step(range(accum), micro_loss(step + 1), lr, step_number=step + 1,
                                  flags={"stop": 1.0 if stop.received else 0.0})
             window.append(result)
+            if fp8_all_gather:
+                fp8.after_optimizer_step(model, fp8_all_gather)
             step += 1
             train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
                                next_sample_index=step * args.global_batch_size)
