@@ -28,8 +28,9 @@ run half-way without saying so), each written to DIR/gpu_bench.json as soon as i
    linear + cross-entropy; forward and backward) as GB/s against the measured copy
    bandwidth, beside eager PyTorch, torch.compile and Liger-Kernel when it is importable.
 
-FP8 rows wait for `--fp8` (issue 26, item 5), which pretrain/tinyllama.py does not have yet;
-the FP8 targets are listed as unmeasured.
+FP8: `--fp8` at micro-batch 8 x 4 compiled, beside the same bf16 setting (speed and losses);
+the loss after 50 steps comes from a separate call of just those two rows with
+`--measure-steps 48 --train-settings mb8x4-compile-fp8,mb8x4-compile` (docs/benchmarks.md).
 
 It writes DIR/gpu_bench.json (everything), DIR/gpu_bench.md (the tables, with the targets)
 and DIR/train_logs.txt (each training process's output), and prints the tables. Figures
@@ -63,8 +64,8 @@ TARGETS = {
     "mfu": 0.60,                # bf16, the best setting (project convention, 6N' + attention)
     "mfu_mb8_accum": 0.58,      # bf16, micro-batch 8 with gradient accumulation
     "vs_hf_liger": 1.3,         # our tokens/s over transformers + Liger-Kernel, same GPU, same run
-    "fp8_speedup": 1.15,        # --fp8 over bf16 tokens/s at the same setting (no --fp8 yet: unmeasured)
-    "fp8_loss_rel": 0.01,       # FP8 loss after 50 steps within 1% of bf16's (no --fp8 yet)
+    "fp8_speedup": 1.15,        # --fp8 over bf16 tokens/s at the same setting
+    "fp8_loss_rel": 0.01,       # FP8 loss after 50 steps within 1% of bf16's
     "mb8_memory_gb": 40.0,      # micro-batch 8 x 2048, accumulation, no checkpointing: reserved
     "kernel_pct_copy": 80.0,    # element-wise kernels vs the device's copy bandwidth
     "flce_memory_ratio": 0.25,  # fused linear + CE vs lm_head + F.cross_entropy
@@ -80,12 +81,14 @@ class TrainSetting:
     document_mask: bool = False
     accumulation: int = 1      # micro-batches per optimizer step
     fsdp_mode: str = "shard"   # pretrain/tinyllama.py --fsdp-mode
+    fp8: bool = False          # --fp8 (torchao float8 block linears; the smoke run emulates it on CPU)
 
     @property
     def name(self) -> str:
         return f"mb{self.micro_batch}" + (f"x{self.accumulation}" if self.accumulation > 1 else "") + \
             ("-keep" if self.fsdp_mode == "keep" else "") + ("-ac" if self.activation_checkpointing else "") + \
-            ("-compile" if self.compile else "") + ("-docmask" if self.document_mask else "")
+            ("-compile" if self.compile else "") + ("-docmask" if self.document_mask else "") + \
+            ("-fp8" if self.fp8 else "")
 
 
 def train_settings(micro_batches: list[int], smoke: bool) -> list[TrainSetting]:
@@ -101,9 +104,11 @@ def train_settings(micro_batches: list[int], smoke: bool) -> list[TrainSetting]:
         a, b = micro_batches[0], micro_batches[-1]
         return [TrainSetting(a), TrainSetting(b, True), TrainSetting(a, False, True), TrainSetting(b, True, True),
                 TrainSetting(b, document_mask=True), TrainSetting(a, accumulation=2),
-                TrainSetting(b, accumulation=2, fsdp_mode="keep")]
+                TrainSetting(b, accumulation=2, fsdp_mode="keep"), TrainSetting(a, accumulation=2, fp8=True)]
     accumulated = [TrainSetting(mb, accumulation=32 // mb, fsdp_mode=mode) for mode in ("shard", "keep")
                    for mb in (8, 16)]
+    # FP8 against bf16 at the same compiled setting (torchao's casts want compiled blocks)
+    fp8 = [TrainSetting(8, compile=True, accumulation=4, fp8=True), TrainSetting(8, compile=True, accumulation=4)]
     grid = [TrainSetting(mb, ac, c) for c in (False, True) for ac in (False, True) for mb in micro_batches]
     middle = micro_batches[len(micro_batches) // 2]
 
@@ -112,7 +117,7 @@ def train_settings(micro_batches: list[int], smoke: bool) -> list[TrainSetting]:
         return (s.compile and s.activation_checkpointing, s.activation_checkpointing and not s.compile,
                 s.compile, s.micro_batch != middle, s.micro_batch)
     ordered = sorted(grid, key=priority)
-    return accumulated + ordered[:len(micro_batches)] + [TrainSetting(middle, document_mask=True)] + \
+    return accumulated + fp8 + ordered[:len(micro_batches)] + [TrainSetting(middle, document_mask=True)] + \
         ordered[len(micro_batches):]
 
 
@@ -188,6 +193,8 @@ def run_train_setting(setting: TrainSetting, opts, data: list[str], work: Path, 
         cmd.append("--compile")
     if setting.document_mask:
         cmd.append("--document-mask")
+    if setting.fp8:
+        cmd += ["--fp8"] + (["--debug-fp8-emulate"] if opts.smoke else [])
     profiled = setting.name in opts.profile
     if profiled:  # one step more, profiled and left out of the median; its op table goes to the log
         cmd[cmd.index("--max-steps") + 1] = str(steps + 1)
@@ -538,8 +545,14 @@ def target_lines(result: dict) -> list[str]:
         elif result.get("hf"):
             out.append("vs transformers + Liger: not measured (" + ", ".join(
                 f"{r['setting']}: {r['status']}" for r in result["hf"]["rows"] if r.get("liger")) + ")")
-    out.append(f"FP8 (targets {TARGETS['fp8_speedup']}x bf16 tokens/s, loss within {TARGETS['fp8_loss_rel']:.0%}): "
-               f"not measured, there is no --fp8 yet")
+    fp8 = {r["setting"]: r for r in ok if r.get("fp8")}
+    for name, r in fp8.items():
+        bf16 = next((b for b in ok if b["setting"] == name.replace("-fp8", "")), None)
+        if bf16:
+            out.append(f"FP8 {name} (targets >= {TARGETS['fp8_speedup']}x bf16 tokens/s, loss within "
+                       f"{TARGETS['fp8_loss_rel']:.0%}; 50-step loss: docs/benchmarks.md round 2 plan): "
+                       f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x, last loss {r['loss_last']:.4f} vs "
+                       f"{bf16['loss_last']:.4f}")
     mb8 = [r for r in train if r.get("micro_batch") == 8 and r.get("peak_reserved_gb") is not None]
     for r in mb8:
         out.append(f"memory at micro-batch 8 x {result['train']['block_size']} ({r['setting']}): "

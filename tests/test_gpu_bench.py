@@ -15,13 +15,13 @@ def _load():
 def test_full_grid_is_every_setting_once_plain_first():
     gb = _load()
     grid = gb.train_settings([4, 8, 16], smoke=False)
-    assert len(grid) == len(set(grid)) == 17
+    assert len(grid) == len(set(grid)) == 19
     plain = [s for s in grid if not s.document_mask and s.accumulation == 1]
     assert {(s.micro_batch, s.activation_checkpointing, s.compile) for s in plain} == \
         {(mb, ac, c) for mb in (4, 8, 16) for ac in (False, True) for c in (False, True)}
     # the real recipe first: a global batch of 32 sequences by accumulation, both FSDP modes
-    assert [s.name for s in grid[:8]] == ["mb8x4", "mb16x2", "mb8x4-keep", "mb16x2-keep", "mb8", "mb4", "mb16",
-                                          "mb8-docmask"]
+    assert [s.name for s in grid[:10]] == ["mb8x4", "mb16x2", "mb8x4-keep", "mb16x2-keep", "mb8x4-compile-fp8",
+                                           "mb8x4-compile", "mb8", "mb4", "mb16", "mb8-docmask"]
     assert all(s.micro_batch * s.accumulation == 32 for s in grid[:4])
 
 
@@ -29,7 +29,7 @@ def test_settings_past_the_budget_are_recorded_as_skipped(tmp_path):
     gb = _load()
     opts = gb.parse_args(["--out", str(tmp_path), "--smoke"])
     result = gb.section_train(opts, tmp_path, deadline=time.perf_counter() - 1, log=lambda text: None)
-    assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 7
+    assert [r["status"] for r in result["rows"]] == ["skipped (time budget)"] * 8
     assert "skipped (time budget)" in gb.format_train_rows(result["rows"])
 
 
@@ -63,13 +63,17 @@ def test_smoke_run_measures_every_path(tmp_path, capsys):
     assert gb.main(["--out", str(tmp_path), "--smoke"]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = {r["setting"]: r for r in result["train"]["rows"]}
-    assert set(rows) == {"mb1", "mb2-ac", "mb1-compile", "mb2-ac-compile", "mb2-docmask", "mb1x2", "mb2x2-keep"}
+    assert set(rows) == {"mb1", "mb2-ac", "mb1-compile", "mb2-ac-compile", "mb2-docmask", "mb1x2", "mb2x2-keep",
+                         "mb1x2-fp8"}
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["measured_steps"] == 2 and r["peak_alloc_gb"] > 0
         assert r["attention_kernel"] == "sdpa"
     assert rows["mb1-compile"]["graph_breaks"] == 0 and rows["mb1"]["graph_breaks"] is None
     assert rows["mb1x2"]["tokens_per_step"] == 2 * rows["mb1"]["tokens_per_step"]
+    # the same data and seed: emulated FP8 is close to, but not, the fp32 run
+    assert rows["mb1x2-fp8"]["loss_first"] == pytest.approx(rows["mb1x2"]["loss_first"], rel=0.02)
+    assert "float8 training on" in (tmp_path / "train_logs.txt").read_text()
     hf = {r["setting"]: r for r in result["hf"]["rows"]}
     assert set(hf) == {"hf", "hf-compile", "hf-liger", "hf-liger-compile"}
     assert hf["hf"]["status"] == hf["hf-compile"]["status"] == "ok" and hf["hf"]["tokens_per_s"] > 0
