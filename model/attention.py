@@ -1,14 +1,22 @@
-"""Causal grouped-query attention behind one function.
+"""Causal grouped-query attention behind one function, and the choice of its kernel.
 
-flash-attn's `flash_attn_func` runs when it is installed, the tensors are on CUDA in
-fp16/bf16 and no explicit mask is needed (training, prefill without padding); otherwise
-PyTorch's scaled_dot_product_attention runs, with `enable_gqa` so the 4 KV heads are
-shared by the 32 query heads without materialising repeated K/V.
+For causal attention without an explicit mask (training, prefill without padding) on CUDA
+the kernel is chosen by measurement (`select_attention_kernel`, once per run, at the run's
+shapes): flash-attn's `flash_attn_func` when it imports, and each of PyTorch SDPA's cuDNN,
+flash, memory-efficient and math kernels, forward + backward, the fastest wins (at head dim
+64 on Hopper cuDNN SDPA beat flash-attn 2 by 1.6x). A winning SDPA kernel is put first in
+SDPA's priority order, the others stay behind it for shapes it refuses (masks), and the run
+log names the kernel that runs. Without a selection (generation, scripts) flash-attn runs
+when it imports and PyTorch picks the SDPA kernel. SDPA is called with `enable_gqa`, so the
+4 KV heads are shared by the 32 query heads without materialising repeated K/V.
 """
 from __future__ import annotations
 
 import importlib.util
+import math
+import time
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +57,105 @@ def flash_attn_varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _HAS_FLASH_ATTN and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """The attention implementation training uses on `device` in `dtype`, in words (for the run log)."""
+# ---- the kernel, chosen by measurement --------------------------------------------------------
+# Candidates in the order that breaks ties: flash-attn, then SDPA's kernels.
+KERNELS = ("flash-attn", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
+_selected: str | None = None  # set by select_attention_kernel
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+
+
+def choose_attention_kernel(timings: dict[str, float | None]) -> str:
+    """The fastest kernel of `timings` (ms; None or non-finite: it did not run), ties in KERNELS' order."""
+    ran = [(ms, KERNELS.index(k), k) for k, ms in timings.items() if ms is not None and math.isfinite(ms)]
+    if not ran:
+        raise RuntimeError(f"no attention kernel ran at the run's shapes (measured: {timings})")
+    return min(ran)[2]
+
+
+def measure_attention_kernels(device, dtype: torch.dtype, batch: int, seq: int, n_head: int, n_kv_head: int,
+                              head_dim: int, reps: int = 5, clock: Callable[[], float] = time.perf_counter
+                              ) -> dict[str, float | None]:
+    """ms per causal GQA forward + backward of each kernel at these shapes (None: refused or failed)."""
     device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, seq, n_head, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    k = torch.randn(batch, seq, n_kv_head, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    v = torch.randn(batch, seq, n_kv_head, head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    timings: dict[str, float | None] = {}
+    for kernel in KERNELS:
+        if kernel == "flash-attn" and not flash_attn_usable(q):
+            timings[kernel] = None
+            continue
+
+        def run(kernel=kernel):
+            out = flash_attn_func(q, k, v, causal=True) if kernel == "flash-attn" else _forced_sdpa(q, k, v, kernel)
+            out.sum().backward()
+        try:
+            run()  # warm-up (and the refusal of a kernel that cannot take these inputs)
+            _sync(device)
+            start = clock()
+            for _ in range(reps):
+                run()
+            _sync(device)
+            timings[kernel] = (clock() - start) / reps * 1e3
+        except RuntimeError:  # "No available kernel" and friends: this kernel does not run here
+            timings[kernel] = None
+    return timings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forced_sdpa(q, k, v, kernel: str):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_sdpa_backends()[kernel]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                              enable_gqa=q.shape[2] != k.shape[2])
+
+
+def use_attention_kernel(kernel: str | None) -> None:
+    """Make `kernel` the one causal attention runs (None: back to no selection). An SDPA kernel
+    goes first in SDPA's priority order, with the others behind it for inputs it refuses."""
+    global _selected
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    from torch.nn.attention import _sdpa_kernel
+
+    backends = _sdpa_backends()
+    first = [backends[kernel]] if kernel in backends else []
+    _sdpa_kernel(first + [b for name, b in backends.items() if name != kernel], set_priority=True)
+    _selected = kernel
+
+
+def select_attention_kernel(device, dtype: torch.dtype, batch: int, seq: int, n_head: int, n_kv_head: int,
+                            head_dim: int, measure=measure_attention_kernels,
+                            agree: Callable[[dict], dict] = lambda t: t) -> tuple[str, dict]:
+    """On CUDA in fp16/bf16: measure every kernel at the run's shapes and use the fastest;
+    returns (kernel, timings). `agree` combines the timings of all ranks (a sum), so every
+    rank picks the same kernel. Elsewhere nothing is measured: SDPA's CPU kernels run."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return attention_backend(device, dtype), {}
+    timings = agree(measure(device, dtype, batch, seq, n_head, n_kv_head, head_dim))
+    kernel = choose_attention_kernel(timings)
+    use_attention_kernel(kernel)
+    return kernel, timings
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The attention kernel training runs on `device` in `dtype`, in words (for the run log)."""
+    device = torch.device(device)
+    if device.type == "cuda" and _selected is not None:
+        return _selected + " (measured)"
     if _HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return "flash-attn"
     why = "" if _HAS_FLASH_ATTN or device.type != "cuda" else f" ({FLASH_ATTN_STATUS})"
@@ -87,7 +191,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         raise ValueError(f"attention backend must be 'auto', 'flash' or 'sdpa', got {backend!r}")
     if window is not None and window >= k.shape[1]:
         window = None  # every key is within the window: plain causal attention
-    if mask is None and backend != "sdpa" and flash_attn_usable(q):
+    use_flash = flash_attn_usable(q) and (backend == "flash" or _selected in (None, "flash-attn"))
+    if mask is None and backend != "sdpa" and use_flash:
         if window is not None:  # flash-attn's window is inclusive: (window - 1) keys back, 0 ahead
             return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
         return flash_attn_func(q, k, v, causal=True)

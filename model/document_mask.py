@@ -10,10 +10,14 @@ EOS; the EOS belongs to the document it ends.
 
 Three kernels, chosen once (`document_attention_backend`) and printed by the trainer:
 
+    flex          PyTorch's flex_attention with a block mask built from the document ids, once
+                  per micro-batch (shared by every layer) by a compiled builder on CUDA; blocks
+                  that no document spans are skipped. The default on CUDA: nothing in it waits
+                  for the device.
     flash-varlen  flash-attn's varlen kernel over the batch's documents as packed sequences
-                  (cu_seqlens from the EOS positions; no mask is ever materialised)
-    flex          PyTorch's flex_attention with a block mask built from the document ids
-                  (compiled on CUDA: blocks that no document spans are skipped)
+                  (cu_seqlens from the EOS positions; no mask is ever materialised). Only when
+                  asked for (--document-attention flash-varlen): the number of documents sizes
+                  cu_seqlens, so each micro-batch waits once for the device (`nonzero`).
     sdpa-mask     scaled_dot_product_attention with a dense (B, 1, T, T) block-diagonal causal
                   mask: the reference, and what a CPU runs
 
@@ -39,8 +43,9 @@ def _flex_available() -> bool:
 
 
 def document_attention_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """The kernel for attention within documents: flash-attn's varlen on CUDA when installed,
-    else flex_attention on CUDA, else the dense-mask SDPA (CPU). `requested` forces one."""
+    """The kernel for attention within documents: flex_attention on CUDA, else the dense-mask
+    SDPA (CPU). `requested` forces one (flash-varlen: flash-attn's, with one host wait per
+    micro-batch)."""
     from model.attention import flash_attn_varlen_usable
 
     device = torch.device(device)
@@ -53,15 +58,14 @@ def document_attention_backend(device: torch.device, dtype: torch.dtype, request
         if requested == "flex" and not _flex_available():
             raise ValueError("document attention 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
         return requested
-    if flash_attn_varlen_usable(device, dtype):
-        return "flash-varlen"
     if device.type == "cuda" and _flex_available():
         return "flex"
     return "sdpa-mask"
 
 
 class Documents:
-    """The documents of a (B, T) batch of token windows, for one forward pass.
+    """The documents of a (B, T) batch of token windows, for one forward pass (built once by
+    Llama.forward, used by every layer).
 
     `positions` (B, T) restart at 0 at every document; `backend` decides which of
     `cu_seqlens` (flash-varlen), `block_mask` (flex) or `dense_mask` (sdpa-mask) is built.
@@ -99,7 +103,10 @@ class Documents:
             else:
                 def same_document_causal(b, h, q_idx, kv_idx):
                     return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (doc[b, q_idx] == doc[b, kv_idx])
-            self.block_mask = create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
+            # Compiled on CUDA: the eager builder evaluates the mask on every (q, kv) pair. The
+            # document ids are a tensor the mask closes over: a new batch needs no recompilation.
+            self.block_mask = create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device,
+                                                _compile=input_ids.is_cuda)
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             if window is not None:

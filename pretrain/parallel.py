@@ -34,6 +34,10 @@ from torch.utils.checkpoint import checkpoint
 
 PRECISIONS = ("bf16-mixed", "32-true")
 SHARDINGS = ("fsdp", "hsdp", "ddp")
+# shard: each block frees its gathered (bf16) weights after forward and after backward;
+# keep: a block's gathered weights stay from its forward through its backward, and between the
+# micro-batches of a step (freed after the last backward): fewer all-gathers and copies, more memory.
+FSDP_MODES = ("shard", "keep")
 
 
 def default_precision(accelerator: str) -> str:
@@ -69,14 +73,18 @@ def _checkpointed_forward(forward, *args, **kwargs):
 
 def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.float32,
                 reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, fsdp_mode: str = "shard") -> nn.Module:
     """Apply activation checkpointing, torch.compile and FSDP2 to every block of `model.layers`, then the root.
 
     `device_mesh` is the data-parallel mesh: 1-D (shard over all ranks) or 2-D (replicate x
     shard, FSDP2's HSDP); Fabric's 2-D mesh (data_parallel x tensor_parallel) also works.
     Activation checkpointing and compile replace the block's `forward` in place instead of
     wrapping the module, so parameter names (and therefore checkpoints) do not change.
+    `fsdp_mode` (FSDP_MODES) decides whether blocks free their gathered weights after forward;
+    the parameters and checkpoints are the same DTensors in every mode.
     """
+    if fsdp_mode not in FSDP_MODES:
+        raise ValueError(f"--fsdp-mode {fsdp_mode!r} is not supported; choose one of {', '.join(FSDP_MODES)}")
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names and \
         "data_parallel" in device_mesh.mesh_dim_names else device_mesh
     # cast_forward_inputs=False: a block's inputs are the hidden states (already in the compute
@@ -87,8 +95,9 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
             block.forward = functools.partial(_checkpointed_forward, block.forward)
         if compile:
             block.compile()
-        # Blocks free their gathered weights after forward and re-gather them for backward.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        # shard: blocks free their gathered weights after forward and re-gather them for backward;
+        # keep: the forward's gathered weights serve the backward too.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=fsdp_mode == "shard")
     # The root's parameters (embedding, norm, lm_head) are needed again right at the start
     # of backward, so keeping them gathered saves one all-gather per step. A tied embedding
     # and lm_head (one Parameter) must be in one FSDP unit, as torchtitan keeps them: this one,
@@ -146,7 +155,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None, reduce_dtype="fp32",
                  activation_checkpointing=False, compile=False, sharding="hsdp",
-                 shard_size: int | None = None) -> L.Fabric:
+                 shard_size: int | None = None, fsdp_mode: str = "shard") -> L.Fabric:
     """A Fabric whose strategy shards models with FSDP2 (see `parallelize`).
 
     `precision` None means bf16-mixed on CUDA, 32-true on CPU. The chosen value is
@@ -157,7 +166,8 @@ def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None
     precision = precision or default_precision(accelerator)
     param_dtype, reduce_torch_dtype = precision_dtypes(precision, reduce_dtype)
     parallelize_fn = functools.partial(parallelize, param_dtype=param_dtype, reduce_dtype=reduce_torch_dtype,
-                                       activation_checkpointing=activation_checkpointing, compile=compile)
+                                       activation_checkpointing=activation_checkpointing, compile=compile,
+                                       fsdp_mode=fsdp_mode)
     strategy = FSDP2Strategy(parallelize_fn, sharding=sharding, shard_size=shard_size,
                              save_distributed_checkpoint=True)
     # Mixed precision is done by FSDP2's policy, so Fabric itself runs "32-true" (no autocast).
@@ -165,6 +175,7 @@ def build_fabric(accelerator="auto", devices="auto", num_nodes=1, precision=None
                       precision="32-true")
     fabric.train_precision = precision
     fabric.reduce_dtype = reduce_torch_dtype
+    fabric.fsdp_mode = fsdp_mode
     return fabric
 
 
@@ -180,13 +191,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+def set_gradient_sync(model: nn.Module, enabled: bool, keep_gathered: bool = False) -> None:
     """Whether the next backward reduce-scatters gradients (FSDP2). Off for all but the last
     micro-batch of a step: the unsharded gradients then accumulate locally (in the reduce
-    dtype) and are reduced once per optimizer step."""
+    dtype) and are reduced once per optimizer step. With `keep_gathered` (--fsdp-mode keep)
+    the gathered weights are also kept after every backward but the last one, so the next
+    micro-batch's forward gathers nothing."""
     inner = unwrap(model)
     if isinstance(inner, FSDPModule):
         inner.set_requires_gradient_sync(enabled)  # recurses into the blocks
+        if keep_gathered:
+            inner.set_reshard_after_backward(enabled)
 
 
 def mesh_description(fabric) -> str:
@@ -213,13 +228,12 @@ def sharding_description(fabric, model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global L2 norm of all gradients (over all shards and ranks); scales them to `max_norm` (<= 0: no clip).
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of all gradients (over all shards and ranks), on the device (no host sync).
 
     `torch.nn.utils.get_total_norm` over the DTensor gradients gives a partial norm that
     `full_tensor()` all-reduces; gradients that are plain tensors (not sharded, so the same
-    on every rank) are added to it locally. The norm stays on the device (no host sync);
-    it may be inf/nan, which the caller checks once per step.
+    on every rank) are added to it locally. It may be inf/nan, which the engine checks.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -233,12 +247,33 @@ def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     if plain:
         norm = torch.nn.utils.get_total_norm(plain, norm_type=2.0, foreach=True)
         squares.append(norm.float().to(squares[0].device if squares else norm.device) ** 2)
-    total = torch.stack(squares).sum().sqrt()
-    if max_norm is not None and max_norm > 0:
-        # Scales by min(1, max_norm / total) on the device; with a non-finite total the step is skipped anyway.
-        with_grad = [p for p in model.parameters() if p.grad is not None]
-        for group in ([p for p in with_grad if isinstance(p.grad, DTensor)],
-                      [p for p in with_grad if not isinstance(p.grad, DTensor)]):
-            if group:
-                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return torch.stack(squares).sum().sqrt()
+
+
+def clip_divisor(total: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """What to divide the gradients by to clip them to `max_norm` (1 when under it or with no clip):
+    `1 / min(1, max_norm / (total + 1e-6))`, torch's clip_grad_norm_ factor, as a device
+    tensor for the fused optimizer's `grad_scale`."""
+    if max_norm is None or max_norm <= 0:
+        return torch.ones((), device=total.device)
+    return 1.0 / torch.clamp(max_norm / (total.float() + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def clip_with_norm(model: nn.Module, max_norm: float | None, total: torch.Tensor) -> None:
+    """Scale the gradients in place by min(1, max_norm / total) on the device (<= 0: no clip)."""
+    if max_norm is None or max_norm <= 0:
+        return
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    for group in ([p for p in with_grad if isinstance(p.grad, DTensor)],
+                  [p for p in with_grad if not isinstance(p.grad, DTensor)]):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """`grad_norm`, then the gradients clipped in place to `max_norm` (<= 0: no clip); returns the norm."""
+    total = grad_norm(model)
+    clip_with_norm(model, max_norm, total)
     return total

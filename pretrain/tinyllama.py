@@ -33,7 +33,7 @@ from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, p
                            validation_indices)
 from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, TrainingError, build_optimizer,
                              graph_breaks, init_model, memory_metrics, mfu_metrics, print_run_description,
-                             run_description, setup_fabric)
+                             run_description, select_attention, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
@@ -53,8 +53,9 @@ class PretrainOptions(CommonOptions):
                                        "an HF tokenizer.json, or a directory holding one with its JSON files)")
     document_mask: bool = opt(False, "attend only within each document of a window (documents end with the shards' "
                                      "EOS) and restart RoPE positions at each document; see docs/pretrain.md")
-    document_attention: str = opt("auto", "kernel for --document-mask; auto: flash-attn varlen, else "
-                                          "flex_attention on CUDA, else SDPA with a dense mask",
+    document_attention: str = opt("auto", "kernel for --document-mask; auto: flex_attention on CUDA (no host "
+                                          "wait), SDPA with a dense mask on CPU; flash-varlen: flash-attn's "
+                                          "(one host wait per micro-batch)",
                                   choices=["auto", "flash-varlen", "flex", "sdpa-mask"])
     # data
     data: list[str] | None = opt(None, "token-shard directories with mixture weights; default: "
@@ -83,6 +84,8 @@ class PretrainOptions(CommonOptions):
     # parallelism and precision (and --accelerator, --devices, --num-nodes, --precision, --reduce-dtype, --kernels)
     activation_checkpointing: bool = opt(False, "recompute each block in backward")
     compile: bool = opt(False, "torch.compile each block (graph breaks are logged as graph_breaks)")
+    fp8: bool = opt(False, "float8 matmuls in the block linears through torchao (pip install -e '.[fp8]'; CUDA "
+                           "capability >= 8.9); lm_head stays bf16; use with --compile (docs/pretrain.md)")
     # output
     out: Path = opt(help="output directory (config.yaml, checkpoints/, final/, metrics.jsonl)")
     save_every: int = opt(1000, "checkpoint every N steps (and at the end)", minimum=1)
@@ -103,6 +106,7 @@ class PretrainOptions(CommonOptions):
     debug_nan_steps: str = opt("", hidden=True)
     debug_inf_grad_steps: str = opt("", hidden=True)
     debug_step_delay: float = opt(0.0, hidden=True)
+    debug_fp8_emulate: bool = opt(False, hidden=True)  # torchao's float8 emulation: --fp8 on CPU in tests
 
     def problems(self) -> list[str]:
         problems = []
@@ -147,12 +151,19 @@ class StepProfiler:
         self.path = out / "profile" / f"step-rank{rank}.json"
         self.prof = profile(activities=activities)
         self.prof.__enter__()
+        self.start = time.perf_counter()
 
     def finish(self, fabric, step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
         self.prof.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if torch.cuda.is_available():
+            # Kernel time over the step's wall time: how much of the step the GPU was busy.
+            busy = sum(e.self_device_time_total for e in self.prof.key_averages()) / 1e6
+            fabric.print(f"profile: GPU busy {busy * 1e3:.1f} ms of the {wall * 1e3:.1f} ms step "
+                         f"({busy / wall:.1%})")
         self.prof.export_chrome_trace(str(self.path))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         fabric.print(f"profile of step {step} (trace: {self.path}):\n"
@@ -222,10 +233,26 @@ def train(args: PretrainOptions) -> int:
     val_specs = default_val_dirs(args)
     val_sampler = MixtureSampler(val_specs, block, VAL_SEED, config.vocab_size) if val_specs and args.val_batches else None
 
-    model = init_model(fabric, config, args.kernels, args.seed)
+    convert, fp8_all_gather = None, False
+    if args.fp8:
+        from pretrain import fp8
+
+        problem = fp8.fp8_problem(fabric.device, args.debug_fp8_emulate)
+        if problem:
+            raise ValueError(problem)
+        fp8_all_gather = fabric.device.type == "cuda"  # torchao's float8 all-gather is CUDA's
+        converted = []
+        convert = lambda m: converted.append(fp8.convert_fp8(m, args.debug_fp8_emulate, fp8_all_gather))  # noqa: E731
+    model = init_model(fabric, config, args.kernels, args.seed, convert=convert)
+    if args.fp8:
+        fabric.print(fp8.fp8_description(converted[0], fp8_all_gather, args.debug_fp8_emulate))
+        if not args.compile:
+            fabric.print("fp8: without --compile the float8 casts run as separate kernels; add --compile for speed")
     optimizer = build_optimizer(fabric, model, name="adamw", lr=args.lr, weight_decay=args.weight_decay,
                                 betas=(args.beta1, args.beta2), eps=args.adam_eps)
-    resolved = run_description(fabric, model, args.kernels)
+    compute_dtype = torch.bfloat16 if fabric.train_precision == "bf16-mixed" else torch.float32
+    attention_choice = select_attention(fabric, config, args.micro_batch_size, compute_dtype)
+    resolved = run_description(fabric, model, args.kernels) | attention_choice
 
     run_args = as_dict(args)
     train_state = {"step": 0, "tokens_seen": 0, "next_sample_index": 0, "skipped_steps": 0,
@@ -312,20 +339,23 @@ def train(args: PretrainOptions) -> int:
         return loss_fn
 
     last_saved = start_step if resume_path is not None else None
-    window_losses: list[float] = []
+    window: list = []  # this log window's StepResults, read at log time (nothing waits for the device before)
     step, exit_reason = start_step, "done"
     model.train()
     try:
         while step < end_step:
             profiler = StepProfiler(out, rank) if args.profile_step == step + 1 else None
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            result = engine.step(range(accum), micro_loss(step + 1), lr, step_number=step + 1)
-            if not result.skipped:
-                window_losses.append(result.sums["loss"] / (accum * world))
+            # The stop flag rides in the step's all-reduced statistics: every rank reads the same
+            # sum one step later and stops at the same step boundary, with no collective of its own.
+            result = engine.step(range(accum), micro_loss(step + 1), lr, step_number=step + 1,
+                                 flags={"stop": 1.0 if stop.received else 0.0})
+            window.append(result)
+            if fp8_all_gather:
+                fp8.after_optimizer_step(model, fp8_all_gather)
             step += 1
             train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
-                               next_sample_index=step * args.global_batch_size,
-                               skipped_steps=engine.skipped_steps)
+                               next_sample_index=step * args.global_batch_size)
             meter.add(tokens_per_step, args.global_batch_size)
             if profiler is not None:
                 with meter.paused():  # the profiler's bookkeeping is not training throughput
@@ -334,8 +364,11 @@ def train(args: PretrainOptions) -> int:
                 time.sleep(args.debug_step_delay)
 
             if step % args.log_every == 0 or step == end_step:
+                engine.settle()  # counts this step's skip (or stops the run) before it is logged
+                train_state["skipped_steps"] = engine.skipped_steps
                 rate = meter.read()
                 tps = rate["tokens_per_sec"]
+                window_losses = [r.sums["loss"] / (accum * world) for r in window if not r.skipped]
                 metrics = {
                     "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "lr": lr, "grad_norm": result.grad_norm,
@@ -353,7 +386,7 @@ def train(args: PretrainOptions) -> int:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                          mfu="n/a" if peak is None else f"{metrics['mfu']:.1%}",
                                          mem=f"{metrics['peak_memory_gb']:.1f}GB", refresh=False)
-                window_losses = []
+                window = []
             if progress is not None:
                 progress.update(1)
 
@@ -364,18 +397,19 @@ def train(args: PretrainOptions) -> int:
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
 
             if step % args.save_every == 0 and step != end_step:
+                engine.settle()
+                train_state["skipped_steps"] = engine.skipped_steps
                 save(step)
                 last_saved = step
-            # Every rank must agree to stop, or the collectives of the save would hang.
-            signalled = torch.tensor(1.0 if stop.received else 0.0, device=fabric.device)
-            if world > 1:
-                signalled = fabric.all_reduce(signalled, reduce_op="sum")
-            if signalled.item() > 0:
+            settled = engine.settled  # the step before this one (or this one, after a log or save)
+            if settled is not None and settled.flags["stop"] > 0:
                 exit_reason = "signal"
                 break
     finally:
         if progress is not None:
             progress.close()
+    engine.settle()
+    train_state["skipped_steps"] = engine.skipped_steps
 
     if args.compile:
         fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")

@@ -63,6 +63,10 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
         proc = run(args_for(data, out, "--sharding", mode), out, launcher=on(2))
         outs[mode] = out
         outs[mode + "-stdout"] = proc.stdout
+    # ...and one process with --fsdp-mode keep, whose checkpoints the tests load elsewhere
+    out = tmp_path_factory.mktemp("keep-on-1")
+    outs["keep-on-1-stdout"] = run(args_for(data, out, "--fsdp-mode", "keep"), out).stdout
+    outs["keep-on-1"] = out
     return outs
 
 
@@ -77,7 +81,7 @@ def test_the_three_modes_give_the_same_losses(runs):
         saved = yaml.safe_load((runs[mode] / "config.yaml").read_text())
         assert saved["options"]["sharding"] == mode and saved["resolved"]["sharding"].startswith(text)
     reference = losses(runs["fsdp"])
-    for mode in ("hsdp", "ddp"):
+    for mode in ("hsdp", "ddp", "keep-on-1"):
         assert_same_losses(reference, losses(runs[mode]), range(1, STEPS + 1))
 
 
@@ -85,7 +89,10 @@ def test_the_three_modes_give_the_same_losses(runs):
     ("fsdp", 2, ["--sharding", "ddp"]),                        # another mode, same world size
     ("hsdp", 1, []),                                           # 2 processes -> 1 (fsdp)
     ("ddp", 4, ["--sharding", "hsdp", "--shard-size", "2"]),   # 2 -> 4, a real 2 x 2 hybrid mesh
-], ids=["fsdp-to-ddp-on-2", "hsdp-on-2-to-1", "ddp-on-2-to-hsdp-on-4"])
+    ("fsdp", 1, ["--fsdp-mode", "keep"]),                      # 2 processes -> 1 keeping gathered weights
+    ("keep-on-1", 2, ["--sharding", "fsdp"]),                  # saved by --fsdp-mode keep on 1 -> shard on 2
+], ids=["fsdp-to-ddp-on-2", "hsdp-on-2-to-1", "ddp-on-2-to-hsdp-on-4", "fsdp-on-2-to-keep-on-1",
+        "keep-on-1-to-shard-on-2"])
 def test_a_checkpoint_resumes_in_another_mode_and_world_size(runs, data, tmp_path, saved_by, devices, resume_args):
     out = tmp_path / "resumed"
     checkpoint = runs[saved_by] / "checkpoints" / "step-000003"
