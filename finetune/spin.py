@@ -9,13 +9,17 @@ Iteration t (θ0 = --ckpt, θt = SPIN_DIR/iter{t}):
   1. generate   θt answers N prompts ("generated"; a random sample seeded by --seed), batched
                 KV-cache decoding; with --pairs, iteration 0 takes the file's answers instead
   2. pairs      (prompt, real answer, generated answer); pairs whose generation equals the real
-                answer or has no token are dropped and counted (an answer that is EOS alone is kept)
+                answer or has no token are dropped and counted (an answer that is EOS alone is kept);
+                a generation cut off by --max-new-tokens is kept, ended with EOS or dropped
+                (--capped-generations), and counted
   3. ref logps  log πθt(real|x), log πθt(generated|x) computed once and stored, so no second
                 model is in memory while training; training data = this iteration's pairs +
                 the previous iteration's (from t = 1 on, as the paper)
   4. train      θ from θt with spin_loss (DPO sigmoid loss, chosen = real, rejected = generated,
                 reference = θt); RMSprop, no weight decay, linear warmup 10% then linear decay
-                over --schedule-epochs; training stops after --epochs (or --max-steps)
+                over --schedule-epochs; training stops after --epochs (or --max-steps); or exactly
+                --iteration-steps steps; --warmup-steps in steps; --carry-optimizer-state starts
+                from the optimizer state iteration t-1 ended with (docs/spin.md: Recipe options)
   5. save       θt+1 -> SPIN_DIR/iter{t+1} (the epochs before the last: iter{t+1}/epoch{k}), then
                 state.json records the iteration as complete
 
@@ -63,6 +67,7 @@ from finetune.batching import check_batch_sizes, epoch_batches, rank_micro_batch
 from finetune.chat import IGNORE_INDEX, TruncationStats, pad_right, read_chat, sft_row
 from finetune.checkpoints import load_start, save_finetuned
 from finetune.hf_chat import chat_encoder
+from finetune.optimizer_state import load_optimizer_state, save_optimizer_state
 from finetune.options import FinetuneOptions
 from finetune.spin_data import read_pairs, reindex, sample_rows
 from finetune.generate import generate_to_file, merge_generation_files, rank_slice, read_jsonl_rows
@@ -83,7 +88,9 @@ RUN_ARGS_FILE = "run_args.json"
 # Flags that change what the stored stages contain: a resumed run must use the same values.
 # β is not one: no stored stage depends on it, so a resumed run may change it for iterations not yet trained.
 STAGE_FLAGS = ("ckpt", "data", "pairs", "tokenizer", "num_prompts", "max_new_tokens", "max_prompt_len", "max_len",
-               "temperature", "top_p", "seed", "no_previous_pairs")
+               "temperature", "top_p", "seed", "no_previous_pairs", "capped_generations")
+CAPPED = ("keep", "eos", "drop")  # what becomes of a generation that reached --max-new-tokens without stopping
+OPTIMIZER_STATE = "optimizer_state"  # work/iter{t}/optimizer_state: the state after iteration t's training
 TEMPLATE_KEY = "chat_template"  # run_args.json also records the chat template's fingerprint
 
 
@@ -106,8 +113,12 @@ class SpinOptions(FinetuneOptions):
     max_len: int | None = opt(None, "prompt + answer tokens in training (default: 1024, at most the model's "
                                     "context)", minimum=2)
     gen_batch_size: int = opt(16, "prompts per generation batch", minimum=1)
-    temperature: float = opt(1.0, "0 = greedy, the paper's setting (docs/spin.md: Generation settings)", minimum=0)
+    temperature: float = opt(1.0, "sampling temperature: 1 samples y' ~ πθt as SPIN's theory assumes; 0 = greedy "
+                                  "(docs/spin.md: Generation settings)", minimum=0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0)
+    capped_generations: str = opt("keep", "a generation that reached --max-new-tokens without a stop token: keep "
+                                          "it as it is, end it with the end-of-turn token (eos), or drop its pair; "
+                                          "counted either way (pairs_stats.json)", choices=CAPPED)
     # training
     beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
                            "comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
@@ -115,8 +126,13 @@ class SpinOptions(FinetuneOptions):
     lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
     lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
     lr_schedule: str = opt("linear", "decay after the warmup", choices=SHAPES)
-    warmup_ratio: float = opt(0.1, "linear warmup over this share of each iteration's steps", minimum=0)
-    optimizer: str = opt("rmsprop", "the paper uses RMSprop", choices=["rmsprop", "adamw"])
+    warmup_ratio: float = opt(0.1, "linear warmup over this share of each iteration's schedule", minimum=0)
+    warmup_steps: int | None = opt(None, "linear warmup over this many optimizer steps of each iteration (replaces "
+                                         "--warmup-ratio; more steps than an iteration runs is an error)", minimum=0)
+    optimizer: str = opt("rmsprop", "the paper uses RMSprop (no bias correction: a fresh one overshoots at first; "
+                                    "see --carry-optimizer-state)", choices=["rmsprop", "adamw"])
+    carry_optimizer_state: bool = opt(False, "iteration t+1 starts from the optimizer state iteration t ended with "
+                                             "(saved as work/iter{t}/optimizer_state) instead of a fresh optimizer")
     weight_decay: float = opt(0.0, "weight decay of the matrices", minimum=0)
     # The reference decays the lr over 6 epochs and stops after 2 (its model cards): the decay's
     # length and the stopping point are two flags.
@@ -125,6 +141,10 @@ class SpinOptions(FinetuneOptions):
                          "the epochs before the last are saved as SPIN_DIR/iter{t+1}/epoch{k}", minimum=1)
     max_steps: int | None = opt(None, "stop each iteration after this many optimizer steps (the schedule "
                                       "keeps its length)")
+    iteration_steps: int | None = opt(None, "every iteration runs exactly this many optimizer steps, going over its "
+                                            "pairs as many times as needed, with the warmup and decay over them "
+                                            "(replaces --epochs and --schedule-epochs; matches arms in steps)",
+                                      minimum=1)
     global_batch_size: int = opt(64, "pairs per optimizer step, all ranks", minimum=1)
     micro_batch_size: int = opt(8, "pairs per forward (2x rows)", minimum=1)
     no_previous_pairs: bool = opt(False, "train on this iteration's pairs only (the paper also keeps the "
@@ -147,6 +167,13 @@ class SpinOptions(FinetuneOptions):
         if self.epochs > self.schedule_epochs:
             problems.append(f"--epochs {self.epochs} is beyond --schedule-epochs {self.schedule_epochs}: the "
                             f"learning rate would be 0 after the decay; raise --schedule-epochs")
+        if self.iteration_steps is not None and self.max_steps is not None:
+            problems.append("give --iteration-steps (each iteration's length and schedule) or --max-steps (a stop "
+                            "within the epochs' schedule), not both")
+        if self.iteration_steps is not None and self.warmup_steps is not None \
+                and self.warmup_steps > self.iteration_steps:
+            problems.append(f"--warmup-steps {self.warmup_steps} is beyond --iteration-steps {self.iteration_steps}: "
+                            f"the lr would never reach --lr; lower --warmup-steps")
         if len(betas) not in (1, self.iterations):
             problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
                             f"(every iteration) or one per iteration")
@@ -187,6 +214,39 @@ def fit_lengths(args: SpinOptions, context: int) -> None:
                          f"exceeds the model's context ({context})")
     if args.max_len > context:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context ({context})")
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """One iteration's training length, in optimizer steps."""
+    batch: int            # pairs per optimizer step (the global batch, lowered when there are fewer pairs)
+    per_epoch: int        # steps per pass over the pairs
+    total: int            # steps the iteration runs
+    schedule_total: int   # steps the warmup + decay span (>= total)
+    warmup: int           # warmup steps (<= total)
+
+
+def iteration_plan(args: SpinOptions, n_pairs: int, world: int, t: int) -> IterationPlan:
+    """How long iteration t trains on `n_pairs` pairs: epochs of the pairs (--epochs of a
+    --schedule-epochs schedule, maybe stopped at --max-steps) or exactly --iteration-steps.
+    A warmup longer than the steps run is refused: the lr would never reach its peak."""
+    batch = min(args.global_batch_size, n_pairs // (args.micro_batch_size * world)
+                * args.micro_batch_size * world) or args.global_batch_size
+    check_batch_sizes(batch, args.micro_batch_size, world)
+    per_epoch = len(epoch_batches(n_pairs, batch, args.seed + t, 0))
+    if args.iteration_steps is not None:
+        total = schedule_total = args.iteration_steps
+    else:
+        schedule_total = per_epoch * args.schedule_epochs  # the lr schedule's length...
+        total = min(per_epoch * args.epochs, args.max_steps or per_epoch * args.epochs)  # ...and where we stop
+    if args.warmup_steps is not None:
+        warmup = args.warmup_steps
+        if warmup > total:
+            raise ValueError(f"--warmup-steps {warmup} is beyond the {total} optimizer steps iteration {t} runs "
+                             f"({n_pairs} pairs, {batch} per step); lower --warmup-steps or give --iteration-steps")
+    else:
+        warmup = warmup_steps_from_ratio(args.warmup_ratio, schedule_total)
+    return IterationPlan(batch=batch, per_epoch=per_epoch, total=total, schedule_total=schedule_total, warmup=warmup)
 
 
 # ---- small file helpers --------------------------------------------------------------------
@@ -348,13 +408,24 @@ class SpinRun:
             # Counted afresh per iteration (prompt truncations were counted once, when the prompts were
             # encoded): pairs_stats.json is the same whether or not the run was resumed.
             self.encoder.stats = TruncationStats(prompts_truncated=self.prompts_truncated)
-            pairs, identical, empty, eos_only = [], 0, 0, 0
+            pairs, identical, empty, eos_only, capped_dropped, capped_ended = [], 0, 0, 0, 0, 0
             max_length = sum(1 for row in generations.values() if not row.get("stopped", False))
+            policy = self.args.capped_generations
             for ex, prompt in zip(self.examples, self.prompts):
-                gen = generations[ex.index]["generated_ids"]
+                row = generations[ex.index]
+                gen = list(row["generated_ids"])
+                if not row.get("stopped", False) and gen:
+                    # Cut off by --max-new-tokens: an unfinished answer. Kept as is, it teaches the
+                    # model nothing about where answers end; ended, it is a complete (wrong) answer.
+                    if policy == "drop":
+                        capped_dropped += 1
+                        continue
+                    if policy == "eos":
+                        gen.append(self.encoder.end_of_turn)
+                        capped_ended += 1
                 real = self.encoder.fit_response(prompt, self.encoder.answer_ids(ex.prompt, ex.response),
                                                  self.args.max_len)
-                generated = self.encoder.fit_response(prompt, list(gen), self.args.max_len)
+                generated = self.encoder.fit_response(prompt, gen, self.args.max_len)
                 if not generated:
                     empty += 1  # nothing to score
                     continue
@@ -367,6 +438,8 @@ class SpinRun:
                               "real_ids": real, "generated_ids": generated})
             stats = {"pairs": len(pairs), "dropped_identical": identical, "dropped_empty": empty,
                      "eos_only_answers": eos_only, "generations_at_max_new_tokens": max_length,
+                     "capped_generations": policy, "dropped_capped": capped_dropped,
+                     "capped_ended_with_eos": capped_ended,
                      "prompts": len(self.examples), **self.encoder.stats.as_dict()}
             write_json(work / "pairs_stats.json", stats)
             write_jsonl(work / "pairs.jsonl", pairs)  # last: its existence marks the stage done
@@ -384,8 +457,8 @@ class SpinRun:
                 p["source_iteration"] = t - 1
             pairs += previous
         if not pairs:
-            raise ValueError(f"{self.work_dir(t) / 'pairs.jsonl'}: no pairs to train on (all generations were "
-                             f"equal to the real answers); see pairs_stats.json")
+            raise ValueError(f"{self.work_dir(t) / 'pairs.jsonl'}: no pairs to train on (every generation "
+                             f"was equal to its real answer, empty, or capped and dropped); see pairs_stats.json")
         return pairs
 
     # 3. reference log-probs -----------------------------------------------------------------
@@ -443,17 +516,18 @@ class SpinRun:
         ref_gen = torch.tensor([float(ref["generated"][where[(p["source_iteration"], p["index"])]]) for p in pairs])
         peak_lr = args.lr if t < args.lr_drop_iteration else args.lr_later
         beta = args.beta_at(t)
-        batch = min(args.global_batch_size, len(pairs) // (args.micro_batch_size * self.world)
-                    * args.micro_batch_size * self.world) or args.global_batch_size
+        plan = iteration_plan(args, len(pairs), self.world, t)
+        batch, per_epoch, total = plan.batch, plan.per_epoch, plan.total
         if batch != args.global_batch_size:
             fabric.print(f"iter{t}: only {len(pairs)} pairs, global batch lowered to {batch}")
-        check_batch_sizes(batch, args.micro_batch_size, self.world)
-        per_epoch = len(epoch_batches(len(pairs), batch, args.seed + t, 0))
-        schedule_total = per_epoch * args.schedule_epochs  # the lr schedule's length...
-        total = min(per_epoch * args.epochs, args.max_steps or per_epoch * args.epochs)  # ...and where we stop
+        fabric.print(f"iter{t}: {total} optimizer steps ({per_epoch} per pass over {len(pairs)} pairs), warmup "
+                     f"{plan.warmup}, schedule {plan.schedule_total} steps")
 
         model = load_sharded(fabric, self.model_dir(t), kernels=args.kernels)  # each rank reads only its shards
         optimizer = build_optimizer(fabric, model, name=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay)
+        if args.carry_optimizer_state and t > 0:
+            load_optimizer_state(fabric, model, optimizer, self.work_dir(t - 1) / OPTIMIZER_STATE)
+            fabric.print(f"iter{t}: optimizer state carried over from iteration {t - 1}")
         resolved = run_description(fabric, model, args.kernels) | {"chat_template": self.template.describe()}
         if t == self.first_iteration:
             if self.rank == 0:
@@ -462,15 +536,14 @@ class SpinRun:
         engine = Engine(fabric, model, optimizer, grad_clip=args.grad_clip, max_skipped_steps=args.max_skipped_steps,
                         stop_hint=f"Stopping; iteration {t} restarts from θ{t} when re-run (lower --lr).")
         meter = Throughput(fabric.device)
-        warmup = warmup_steps_from_ratio(args.warmup_ratio, schedule_total)
         model.train()
-        step, saved = 0, []
+        step, saved, epoch = 0, [], 0
         bar = tqdm(total=total, desc=f"iter{t} train", disable=args.no_progress or self.rank != 0)
-        for epoch in range(args.epochs):
+        while step < total:  # one pass over the pairs ("epoch") per turn
             for global_batch in epoch_batches(len(pairs), batch, args.seed + t, epoch):
                 if step >= total:
                     break
-                lr = lr_at(step, peak_lr, 0.0, warmup, schedule_total, args.lr_schedule)
+                lr = lr_at(step, peak_lr, 0.0, plan.warmup, plan.schedule_total, args.lr_schedule)
 
                 def loss_fn(micro):
                     chunk = [pairs[i] for i in micro]
@@ -499,13 +572,17 @@ class SpinRun:
                 self.log(t, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-            if step == (epoch + 1) * per_epoch and step < total:
+            if args.iteration_steps is None and step == (epoch + 1) * per_epoch and step < total:
                 # A completed epoch that is not the last: staged in work/ and moved into iter{t+1}/
                 # once that exists (its atomic save replaces the whole directory).
                 with meter.paused():
                     save_finetuned(fabric, model, self.work_dir(t) / f"epoch{epoch + 1}", self.tok, self.template)
                 saved.append(epoch + 1)
+            epoch += 1
         bar.close()
+        if args.carry_optimizer_state:
+            # Before iter{t+1} exists: a crash in between re-trains iteration t, which writes it again.
+            save_optimizer_state(fabric, model, optimizer, self.work_dir(t) / OPTIMIZER_STATE)
         final = save_finetuned(fabric, model, self.model_dir(t + 1), self.tok, self.template)
         if self.rank == 0:
             for k in saved:
