@@ -170,12 +170,13 @@ class StepProfiler:
                      f"{self.prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)}")
 
 
-def document_options(fabric, args, sampler: MixtureSampler, val_sampler, precision: str) -> dict:
-    """The model's keyword arguments for --document-mask (empty without it), after checking
-    that every shard ends documents with the same EOS; the kernel is printed."""
+def document_splitter(fabric, args, sampler: MixtureSampler, val_sampler, precision: str, window: int | None):
+    """With --document-mask, a function giving a micro-batch's documents (model.document_mask.Documents,
+    built once per micro-batch and shared by every layer), after checking that every shard ends
+    documents with the same EOS; the kernel is printed. Without it, a function giving None."""
     if not args.document_mask:
-        return {}
-    from model.document_mask import document_attention_backend
+        return lambda x: None
+    from model.document_mask import Documents, document_attention_backend
 
     eos = sampler.eos_id()
     if val_sampler is not None and val_sampler.eos_id() != eos:
@@ -185,17 +186,18 @@ def document_options(fabric, args, sampler: MixtureSampler, val_sampler, precisi
     kernel = document_attention_backend(fabric.device, dtype, args.document_attention)
     fabric.print(f"attention within documents (EOS id {eos}): kernel {kernel}; RoPE positions restart "
                  f"at each document")
-    return {"document_eos": eos, "document_backend": kernel}
+    return lambda x: Documents(x, eos, kernel, window=window)
 
 
 @torch.no_grad()
-def validate(fabric, model, sampler: MixtureSampler, args, model_kwargs: dict) -> float:
+def validate(fabric, model, sampler: MixtureSampler, args, documents_of) -> float:
     model.eval()
     total = torch.zeros((), device=fabric.device)
     batches = validation_indices(args.val_batches, args.micro_batch_size, fabric.global_rank, fabric.world_size)
     for indices in batches:
         x, y = sampler.batch(indices)
-        total += model(x.to(fabric.device), targets=y.to(fabric.device), **model_kwargs).float()
+        x, y = x.to(fabric.device), y.to(fabric.device)
+        total += model(x, targets=y, documents=documents_of(x)).float()
     model.train()
     mean = fabric.all_reduce(total / max(1, len(batches)), reduce_op="mean")
     return float(mean)
@@ -294,7 +296,7 @@ def train(args: PretrainOptions) -> int:
                  f"{resolved['precision']}")
     print_run_description(fabric, resolved)
     fabric.print(f"data: {sampler.describe()}")
-    document_kwargs = document_options(fabric, args, sampler, val_sampler, resolved["precision"])
+    documents_of = document_splitter(fabric, args, sampler, val_sampler, resolved["precision"], config.sliding_window)
     fabric.print(MFU_CONVENTION + ("" if peak else " (n/a: no peak FLOP/s for this device)"))
 
     loader = make_loader(sampler, start_step, args.global_batch_size, args.micro_batch_size, rank, world,
@@ -326,7 +328,7 @@ def train(args: PretrainOptions) -> int:
             x, y = next(batches)
             x, y = x.to(fabric.device, non_blocking=True), y.to(fabric.device, non_blocking=True)
             meter.add_data_wait(time.perf_counter() - t0)
-            loss = model(x, targets=y, **document_kwargs)
+            loss = model(x, targets=y, documents=documents_of(x))
             if step_number in nan_steps:
                 loss = loss * float("nan")
             if step_number in inf_grad_steps:
@@ -392,7 +394,7 @@ def train(args: PretrainOptions) -> int:
 
             if val_sampler is not None and (step % args.val_every == 0 or step == args.max_steps):
                 with meter.paused():  # validation is not training throughput
-                    val_loss = validate(fabric, model, val_sampler, args, document_kwargs)
+                    val_loss = validate(fabric, model, val_sampler, args, documents_of)
                 logger.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
 

@@ -17,6 +17,7 @@ from conftest import TINY_HF_MODELS, load_script, require_module
 
 from finetune.generate import generate_batch
 from model import Config, Llama
+from model.document_mask import Documents
 from model.hf import config_from_hf, load_hf, save_hf
 
 transformers = require_module("transformers")
@@ -51,7 +52,7 @@ def test_import_gives_transformers_logits(tiny_hf_models, kind):
     x = tokens()
     assert max_diff(ours(x), theirs(x).logits) <= 1e-5
     # every sequence is also one document: the document-mask path (with its own window) agrees too
-    assert max_diff(ours(x, document_eos=10_000), theirs(x).logits) <= 1e-5
+    assert max_diff(ours(x, documents=Documents(x, 10_000, "sdpa-mask", window=ours.config.sliding_window)), theirs(x).logits) <= 1e-5
 
 
 def test_import_reads_what_each_checkpoint_declares(tiny_hf_models):
