@@ -67,7 +67,7 @@ def rank_rows(rows: torch.Tensor, fabric) -> torch.Tensor:
 
 def case_accumulation(fabric, args) -> dict:
     if args.sync_every_micro_batch:
-        engine.set_gradient_sync = lambda model, enabled: None  # the loop before the fix
+        engine.set_gradient_sync = lambda model, *sync_args: None  # the loop before the fix
     model = init_model(fabric, CONFIG, "torch", seed=args.seed)
     optimizer = build_optimizer(fabric, model, lr=1e-2)
     eng = Engine(fabric, model, optimizer, grad_clip=1.0)
