@@ -120,8 +120,8 @@ class SpinOptions(FinetuneOptions):
                                           "it as it is, end it with the end-of-turn token (eos), or drop its pair; "
                                           "counted either way (pairs_stats.json)", choices=CAPPED)
     # training
-    beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
-                           "comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
+    beta: list[float] = opt([0.1], "SPIN/DPO temperature β: one value for every iteration, or one per "
+                                   "iteration, comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
     lr: float = opt(5e-7, "learning rate of the first iterations", minimum=0)
     lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
     lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
@@ -157,10 +157,6 @@ class SpinOptions(FinetuneOptions):
         if (self.data is None) == (self.pairs is None):
             problems.append("give --data (prompts and real answers; θ0 generates) or --pairs (given pairs), "
                             "not both" if self.data is not None else "one of --data or --pairs is required")
-        try:
-            betas = self.betas()
-        except ValueError:
-            return problems + [f"--beta must be numbers separated by commas, got {self.beta!r}"]
         if self.max_prompt_len is not None and self.max_len is not None and self.max_prompt_len >= self.max_len:
             problems.append(f"--max-prompt-len {self.max_prompt_len} must be below --max-len {self.max_len}: "
                             f"a training row needs room for the answer after the prompt")
@@ -174,20 +170,16 @@ class SpinOptions(FinetuneOptions):
                 and self.warmup_steps > self.iteration_steps:
             problems.append(f"--warmup-steps {self.warmup_steps} is beyond --iteration-steps {self.iteration_steps}: "
                             f"the lr would never reach --lr; lower --warmup-steps")
-        if len(betas) not in (1, self.iterations):
-            problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
+        if len(self.beta) not in (1, self.iterations):
+            problems.append(f"--beta has {len(self.beta)} values but --iterations is {self.iterations}; give one value "
                             f"(every iteration) or one per iteration")
-        if any(b <= 0 for b in betas):
-            problems.append(f"--beta must be positive, got {self.beta}")
+        if any(b <= 0 for b in self.beta):
+            problems.append(f"--beta must be positive, got {','.join(map(str, self.beta))}")
         return problems
-
-    def betas(self) -> list[float]:
-        return [float(v) for v in str(self.beta).split(",")]
 
     def beta_at(self, t: int) -> float:
         """β of iteration t (0-based)."""
-        betas = self.betas()
-        return betas[t] if len(betas) > 1 else betas[0]
+        return self.beta[t] if len(self.beta) > 1 else self.beta[0]
 
 
 def parse_args(argv=None) -> SpinOptions:
