@@ -79,7 +79,7 @@ from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer,
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
-from pretrain.sharded_load import load_sharded, read_model_config
+from pretrain.sharded_load import load_sharded
 
 __all__ = ["spin_loss", "main"]
 
@@ -262,18 +262,18 @@ def read_state(out: Path) -> dict:
 class SpinRun:
     def __init__(self, args: SpinOptions):
         self.args = args
-        # An unsupported or unreadable --ckpt is refused before any process or file is made.
-        read_model_config(args.ckpt)
-        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
-        self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
+        # An unsupported or unreadable --ckpt, a tokenizer that does not fit its embedding and a
+        # template that cannot be split are refused before any process or file is made.
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
         # Only θ0's config is needed here: the model comes back on the meta device, nothing read.
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels, weights=False)
         self.config = model.config
         del model
-        fit_lengths(args, self.config.block_size)
         # --ckpt's own template: an HF directory's Jinja template when it has one (finetune/hf_chat.py).
         self.encoder = chat_encoder(self.tok, self.template)
+        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
+        self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
+        fit_lengths(args, self.config.block_size)
         self.fabric.print(f"chat template: {self.template.describe()}")
         # Given answers (--pairs) stand in for θ0's generations; both sources are sampled alike.
         if args.pairs is not None:
