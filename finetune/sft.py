@@ -38,7 +38,6 @@ from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer,
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
-from pretrain.sharded_load import read_model_config
 
 
 @dataclass(kw_only=True)
@@ -114,15 +113,17 @@ def held_out_loss(fabric, model, rows, pad_id: int, micro_batch_size: int) -> fl
 
 
 def run(args: SFTOptions) -> Path:
-    # An unsupported or unreadable --ckpt is refused before any process or file is made.
-    read_model_config(args.ckpt)
+    # An unsupported or unreadable --ckpt, a tokenizer that does not fit its embedding and a
+    # template that cannot be split are refused before any process or file is made (the model
+    # on the meta device: nothing read yet).
+    _, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels, weights=False)
+    encoder = chat_encoder(tok, template)
     fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
     # Sharded as it is read: no rank ever holds the whole model (pretrain/sharded_load.py).
-    model, tok, template = load_start(args.ckpt, args.tokenizer, args.kernels, fabric=fabric)
+    model = load_start(args.ckpt, args.tokenizer, args.kernels, fabric=fabric)[0]
     max_len = args.max_seq_len or model.config.block_size
     if max_len > model.config.block_size:
         raise ValueError(f"--max-seq-len {max_len} exceeds the model's block_size {model.config.block_size}")
-    encoder = chat_encoder(tok, template)
     fabric.print(f"chat template: {template.describe()}")
     examples = read_chat(args.data, limit=args.num_examples)
     rows = tokenize_rows(examples, encoder, max_len)

@@ -79,7 +79,7 @@ from pretrain.engine import (Engine, Throughput, TrainingError, build_optimizer,
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import SHAPES, lr_at, warmup_steps_from_ratio
-from pretrain.sharded_load import load_sharded, read_model_config
+from pretrain.sharded_load import load_sharded
 
 __all__ = ["spin_loss", "main"]
 
@@ -120,8 +120,8 @@ class SpinOptions(FinetuneOptions):
                                           "it as it is, end it with the end-of-turn token (eos), or drop its pair; "
                                           "counted either way (pairs_stats.json)", choices=CAPPED)
     # training
-    beta: str = opt("0.1", "SPIN/DPO temperature β: one value for every iteration, or one per iteration, "
-                           "comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
+    beta: list[float] = opt([0.1], "SPIN/DPO temperature β: one value for every iteration, or one per "
+                                   "iteration, comma-separated (the paper: 0.1,0.1,0.1,5.0)", metavar="B[,B...]")
     lr: float = opt(5e-7, "learning rate of the first iterations", minimum=0)
     lr_later: float = opt(1e-7, "learning rate from --lr-drop-iteration on", minimum=0)
     lr_drop_iteration: int = opt(2, "first iteration trained with --lr-later", minimum=0)
@@ -157,10 +157,6 @@ class SpinOptions(FinetuneOptions):
         if (self.data is None) == (self.pairs is None):
             problems.append("give --data (prompts and real answers; θ0 generates) or --pairs (given pairs), "
                             "not both" if self.data is not None else "one of --data or --pairs is required")
-        try:
-            betas = self.betas()
-        except ValueError:
-            return problems + [f"--beta must be numbers separated by commas, got {self.beta!r}"]
         if self.max_prompt_len is not None and self.max_len is not None and self.max_prompt_len >= self.max_len:
             problems.append(f"--max-prompt-len {self.max_prompt_len} must be below --max-len {self.max_len}: "
                             f"a training row needs room for the answer after the prompt")
@@ -174,20 +170,16 @@ class SpinOptions(FinetuneOptions):
                 and self.warmup_steps > self.iteration_steps:
             problems.append(f"--warmup-steps {self.warmup_steps} is beyond --iteration-steps {self.iteration_steps}: "
                             f"the lr would never reach --lr; lower --warmup-steps")
-        if len(betas) not in (1, self.iterations):
-            problems.append(f"--beta has {len(betas)} values but --iterations is {self.iterations}; give one value "
+        if len(self.beta) not in (1, self.iterations):
+            problems.append(f"--beta has {len(self.beta)} values but --iterations is {self.iterations}; give one value "
                             f"(every iteration) or one per iteration")
-        if any(b <= 0 for b in betas):
-            problems.append(f"--beta must be positive, got {self.beta}")
+        if any(b <= 0 for b in self.beta):
+            problems.append(f"--beta must be positive, got {','.join(map(str, self.beta))}")
         return problems
-
-    def betas(self) -> list[float]:
-        return [float(v) for v in str(self.beta).split(",")]
 
     def beta_at(self, t: int) -> float:
         """β of iteration t (0-based)."""
-        betas = self.betas()
-        return betas[t] if len(betas) > 1 else betas[0]
+        return self.beta[t] if len(self.beta) > 1 else self.beta[0]
 
 
 def parse_args(argv=None) -> SpinOptions:
@@ -270,18 +262,18 @@ def read_state(out: Path) -> dict:
 class SpinRun:
     def __init__(self, args: SpinOptions):
         self.args = args
-        # An unsupported or unreadable --ckpt is refused before any process or file is made.
-        read_model_config(args.ckpt)
-        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
-        self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
+        # An unsupported or unreadable --ckpt, a tokenizer that does not fit its embedding and a
+        # template that cannot be split are refused before any process or file is made.
         # θ0's tokenizer and template are used for every iteration (each iter{t} keeps copies).
         # Only θ0's config is needed here: the model comes back on the meta device, nothing read.
         model, self.tok, self.template = load_start(args.ckpt, args.tokenizer, args.kernels, weights=False)
         self.config = model.config
         del model
-        fit_lengths(args, self.config.block_size)
         # --ckpt's own template: an HF directory's Jinja template when it has one (finetune/hf_chat.py).
         self.encoder = chat_encoder(self.tok, self.template)
+        self.fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, seed=args.seed)
+        self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
+        fit_lengths(args, self.config.block_size)
         self.fabric.print(f"chat template: {self.template.describe()}")
         # Given answers (--pairs) stand in for θ0's generations; both sources are sampled alike.
         if args.pairs is not None:

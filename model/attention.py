@@ -12,49 +12,22 @@ when it imports and PyTorch picks the SDPA kernel. SDPA is called with `enable_g
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
-import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def _import_flash_attn():
-    """(flash_attn_func, flash_attn_varlen_func, status): the functions are None, and the status
-    says why, when flash-attn is absent or does not load.
-
-    A wheel built for another torch or CUDA fails with an ImportError ("undefined symbol")
-    or an OSError from its shared library; that must not stop `import model`, so SDPA runs
-    instead and one warning says so.
-    """
-    if importlib.util.find_spec("flash_attn") is None:
-        return None, None, "flash-attn is not installed"
-    try:
-        from flash_attn import flash_attn_func as fn
-        from flash_attn import flash_attn_varlen_func as varlen_fn
-    except Exception as e:  # noqa: BLE001 - any failure of a compiled extension means "not usable"
-        reason = f"flash-attn is installed but failed to import ({type(e).__name__}: {e})"
-        warnings.warn(f"{reason}; attention uses PyTorch SDPA instead. Reinstall flash-attn for this "
-                      f"torch {torch.__version__} (pip install flash-attn --no-build-isolation) to use it.",
-                      RuntimeWarning, stacklevel=2)
-        return None, None, reason
-    return fn, varlen_fn, "flash-attn"
+from model import flash_attn
+from model.document_mask import document_attention
 
 
-flash_attn_func, flash_attn_varlen_func, FLASH_ATTN_STATUS = _import_flash_attn()
-_HAS_FLASH_ATTN = flash_attn_func is not None
-
-
-def flash_attn_usable(q: torch.Tensor) -> bool:
-    return _HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def flash_attn_varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """flash-attn's packed-sequence kernel (attention within documents) can run here."""
-    return _HAS_FLASH_ATTN and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+# Looked up here at call time (tests replace them on this module).
+flash_attn_usable = flash_attn.flash_attn_usable
+flash_attn_func = flash_attn.flash_attn_func
+_HAS_FLASH_ATTN = flash_attn.HAS_FLASH_ATTN
+FLASH_ATTN_STATUS = flash_attn.FLASH_ATTN_STATUS
 
 
 # ---- the kernel, chosen by measurement --------------------------------------------------------
@@ -184,8 +157,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     keys, the query's own included; an explicit `mask` or `documents` carry their own window.
     """
     if documents is not None:
-        from model.document_mask import document_attention
-
         return document_attention(q, k, v, documents)
     if backend not in ("auto", "flash", "sdpa"):
         raise ValueError(f"attention backend must be 'auto', 'flash' or 'sdpa', got {backend!r}")

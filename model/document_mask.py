@@ -31,6 +31,8 @@ import functools
 
 import torch
 
+from model import flash_attn
+
 DOCUMENT_BACKENDS = ("flash-varlen", "flex", "sdpa-mask")
 
 
@@ -46,14 +48,12 @@ def document_attention_backend(device: torch.device, dtype: torch.dtype, request
     """The kernel for attention within documents: flex_attention on CUDA, else the dense-mask
     SDPA (CPU). `requested` forces one (flash-varlen: flash-attn's, with one host wait per
     micro-batch)."""
-    from model.attention import flash_attn_varlen_usable
-
     device = torch.device(device)
     if requested != "auto":
         if requested not in DOCUMENT_BACKENDS:
             raise ValueError(f"document attention backend must be auto or one of {', '.join(DOCUMENT_BACKENDS)}, "
                              f"got {requested!r}")
-        if requested == "flash-varlen" and not flash_attn_varlen_usable(device, dtype):
+        if requested == "flash-varlen" and not flash_attn.flash_attn_varlen_usable(device, dtype):
             raise ValueError("document attention 'flash-varlen' needs flash-attn installed and CUDA fp16/bf16")
         if requested == "flex" and not _flex_available():
             raise ValueError("document attention 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
@@ -128,12 +128,10 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docume
     """q: (B, T, Hq, D); k, v: (B, T, Hk, D). Causal attention within each document; (B, T, Hq, D)."""
     B, T, Hq, D = q.shape
     if documents.backend == "flash-varlen":
-        from model.attention import flash_attn_varlen_func
-
         window = (-1, -1) if documents.window is None else (documents.window - 1, 0)
-        out = flash_attn_varlen_func(q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                     documents.cu_seqlens, documents.cu_seqlens, T, T, causal=True,
-                                     window_size=window)
+        out = flash_attn.flash_attn_varlen_func(q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D),
+                                                v.reshape(B * T, -1, D), documents.cu_seqlens,
+                                                documents.cu_seqlens, T, T, causal=True, window_size=window)
         return out.view(B, T, Hq, D)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = Hq != k.shape[2]

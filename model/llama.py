@@ -7,7 +7,9 @@
 
 The element-wise maths (RMSNorm, RoPE, SwiGLU, cross-entropy) comes from `kernels.get_ops`,
 so the same module runs fused Triton kernels on CUDA and their PyTorch references on CPU
-(`kernels="auto" | "triton" | "torch"`). With `targets`, the forward returns the mean loss
+(`kernels="auto" | "triton" | "torch"`, resolved once per device). Each block takes the
+hidden states and one `ForwardContext`, built once per forward: the kernel bundle, the RoPE
+rows, the attention rule (causal, documents, KV-cache mask) and the cache. With `targets`, the forward returns the mean loss
 through the fused linear+cross-entropy, inside the module that owns lm_head, so FSDP2 has
 that weight unsharded there and the full logits are never materialised.
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -29,7 +33,8 @@ import kernels
 from model.atomic import atomic_path
 from model.attention import attention
 from model.config import Config
-from model.rope import rope_cache  # noqa: F401  (the one place the RoPE tables are computed)
+from model.document_mask import Documents
+from model.rope import rope_cache
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,8 +62,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return kernels.get_ops(backend).rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -93,6 +98,24 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+@dataclass
+class ForwardContext:
+    """What every block of one forward pass shares, built once by `Llama.forward`.
+
+    `cos`/`sin` are the RoPE rows of this pass's tokens: (T, head_dim), or (B, T, head_dim)
+    when positions differ per row (documents, left padding). At most one of `mask` (an explicit
+    (B, 1, T, S) mask: KV-cache decoding) and `documents` (attention within documents) is set.
+    """
+
+    ops: SimpleNamespace  # the kernel bundle (kernels.get_ops), resolved once per device
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    documents: Documents | None = None
+    cache: KVCache | None = None
+    cache_slots: torch.Tensor | None = None  # static decoding: the cache slots of the new tokens
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
@@ -103,22 +126,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
         self.proj = nn.Linear(config.q_dim, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
-                documents=None):
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
-        q, k = kernels.get_ops(backend).apply_rope(q, k, cos, sin)  # new tensors: q, k no longer hold qkv
+        q, k = ctx.ops.apply_rope(q, k, ctx.cos, ctx.sin)  # new tensors: q, k no longer hold qkv
         if torch.is_grad_enabled():
             # Attention saves v for backward; as a view it would keep the whole qkv output alive
             # (10x v's size with 32/4 heads: ~1.5 GB at 1.1B, micro-batch 8 x 2048, bf16).
             v = v.contiguous()
-        if cache is not None and cache_slots is not None:
-            k, v = cache.write(self.layer_idx, k, v, cache_slots)
-        elif cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+        if ctx.cache is not None and ctx.cache_slots is not None:
+            k, v = ctx.cache.write(self.layer_idx, k, v, ctx.cache_slots)
+        elif ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)
         # An explicit mask (KV cache) and the documents carry the window themselves.
-        y = attention(q, k, v, mask=mask, documents=documents, window=self.window)
+        y = attention(q, k, v, mask=ctx.mask, documents=ctx.documents, window=self.window)
         return self.proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -128,9 +150,9 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
         self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(kernels.get_ops(backend).swiglu(gate, up))
+        return self.down(ops.swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -141,17 +163,24 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend: str, cache: KVCache | None = None, mask=None, cache_slots=None,
-                documents=None):
-        x = x + self.attn(self.attn_norm(x, backend), cos, sin, backend, cache, mask, cache_slots, documents)
-        return x + self.mlp(self.mlp_norm(x, backend), backend)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x, ctx.ops), ctx)
+        return x + self.mlp(self.mlp_norm(x, ctx.ops), ctx.ops)
+
+
+_KERNEL_CHOICES = kernels.BACKENDS
 
 
 class Llama(nn.Module):
     def __init__(self, config: Config, kernels: str = "auto"):
         super().__init__()
+        if kernels not in _KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {_KERNEL_CHOICES}, got {kernels!r}")
         self.config = config
         self.kernels = kernels
+        # The kernel bundle per device type, resolved the first time the model runs there (a
+        # model is often built on the meta device and only then given its real one).
+        self._ops: dict[str, SimpleNamespace] = {}
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
@@ -210,13 +239,24 @@ class Llama(nn.Module):
             self._rope[device] = rope_cache(self.config, self.config.block_size, device=device)
         return self._rope[device]
 
+    def ops(self, device: torch.device) -> SimpleNamespace:
+        """The kernel bundle this model runs on `device` (Triton on CUDA with kernels='auto')."""
+        if device.type not in self._ops:
+            self._ops[device.type] = kernels.get_ops(kernels.resolve_backend(self.kernels, device))
+        return self._ops[device.type]
+
     # ---- forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                ignore_index: int = -100, z_loss: float = 0.0, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                last_logits_only: bool = False, cache_slots: torch.Tensor | None = None,
-                document_eos: int | None = None, document_backend: str = "auto") -> torch.Tensor:
+                ignore_index: int = -100, z_loss: float = 0.0, documents: Documents | None = None,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None,
+                last_logits_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or with `targets` (B, T) the mean next-token loss.
+
+        Training and scoring: `documents` (a model.document_mask.Documents the caller builds
+        once per micro-batch) restricts each token to earlier tokens of its own document, with
+        RoPE positions counted from the document's start, so each document is computed as if
+        alone.
 
         Decoding: pass a `cache` from `make_kv_cache`; the tokens are appended at the cache's
         current length. `positions` (B, T) gives per-row RoPE positions and `attention_mask`
@@ -228,67 +268,62 @@ class Llama(nn.Module):
         to theirs, over the cache's full length; `cache.length` is left alone and nothing
         waits for the device, so the step can be captured in a CUDA graph. The caller keeps
         positions and slots within the context and the cache.
-
-        Attention within documents (`document_eos`, training and scoring only): each token
-        attends to earlier tokens of its own document (documents end with that EOS id) and
-        its RoPE position counts from the document's start, so each document is computed as
-        if alone (model/document_mask.py; `document_backend` forces a kernel).
         """
         B, T = input_ids.shape
-        backend = kernels.resolve_backend(self.kernels, input_ids.device)
-        start = cache.length if cache is not None else 0
-        rope_cos, rope_sin = self.rope_tables(input_ids.device)
-        documents = None
-        if document_eos is not None:
-            if cache is not None or positions is not None:
-                raise ValueError("document_eos (attention within documents) is for training and scoring; "
-                                 "it cannot be combined with a KV cache or explicit positions")
-            from model.document_mask import Documents, document_attention_backend
+        ctx = self._context(input_ids, documents, cache, positions, attention_mask, cache_slots)
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x, ctx)
+        if cache is not None and cache_slots is None:
+            cache.length += T
+        x = self.norm(x, ctx.ops)
 
-            kernel = document_attention_backend(input_ids.device, self.lm_head.weight.dtype, document_backend)
-            documents = Documents(input_ids, document_eos, kernel, window=self.config.sliding_window)
+        if targets is not None:
+            return ctx.ops.fused_linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+                                                      targets.reshape(B * T), ignore_index=ignore_index,
+                                                      z_loss=z_loss)
+        if last_logits_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def _context(self, input_ids, documents, cache, positions, attention_mask, cache_slots) -> ForwardContext:
+        """The RoPE rows and the attention rule of this pass, for its one mode: plain causal,
+        within documents, appending to a KV cache, or writing at fixed cache slots."""
+        B, T = input_ids.shape
+        rope_cos, rope_sin = self.rope_tables(input_ids.device)
+        ctx = ForwardContext(ops=self.ops(input_ids.device), cos=rope_cos, sin=rope_sin,
+                             documents=documents, cache=cache, cache_slots=cache_slots)
+        window = self.config.sliding_window
+        if documents is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("documents (attention within documents) are for training and scoring; "
+                                 "they cannot be combined with a KV cache or explicit positions")
+            if documents.batch != B or documents.seq_len != T:
+                raise ValueError(f"documents were built for a ({documents.batch}, {documents.seq_len}) batch, "
+                                 f"got input_ids of shape ({B}, {T})")
             positions = documents.positions
-            cos, sin = rope_cos[positions], rope_sin[positions]
         elif cache_slots is not None:
             if cache is None or positions is None:
                 raise ValueError("cache_slots (static decoding) needs a cache and per-row positions")
-            cos, sin = rope_cos[positions], rope_sin[positions]
-        elif positions is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the model's context "
-                                 f"(block_size={self.config.block_size})")
-            cos, sin = rope_cos[start:start + T], rope_sin[start:start + T]
-        else:
-            if int(positions.max()) >= self.config.block_size:
-                raise ValueError(f"position {int(positions.max())} exceeds the model's context "
-                                 f"(block_size={self.config.block_size})")
-            cos, sin = rope_cos[positions], rope_sin[positions]
-
-        mask = None
-        window = self.config.sliding_window
-        if cache_slots is not None:
-            mask = self._static_cache_mask(cache, cache_slots, window)
+            ctx.mask = self._static_cache_mask(cache, cache_slots, window)
         elif cache is not None:
-            mask = self._cache_mask(cache, B, T, attention_mask, input_ids.device, window)
+            ctx.mask = self._cache_mask(cache, B, T, attention_mask, input_ids.device, window)
         elif attention_mask is not None:
             raise ValueError("attention_mask is only used with a KV cache; for training pad on the right "
                              "and set the padded targets to ignore_index")
 
-        x = self.embed(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, backend, cache, mask, cache_slots, documents)
-        if cache is not None and cache_slots is None:
-            cache.length += T
-        x = self.norm(x, backend)
-
-        if targets is not None:
-            ops = kernels.get_ops(backend)
-            return ops.fused_linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
-                                                  targets.reshape(B * T), ignore_index=ignore_index,
-                                                  z_loss=z_loss)
-        if last_logits_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the model's context "
+                                 f"(block_size={self.config.block_size})")
+            ctx.cos, ctx.sin = rope_cos[start:start + T], rope_sin[start:start + T]
+        else:
+            if documents is None and cache_slots is None and int(positions.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(positions.max())} exceeds the model's context "
+                                 f"(block_size={self.config.block_size})")
+            ctx.cos, ctx.sin = rope_cos[positions], rope_sin[positions]
+        return ctx
 
     @staticmethod
     def _cache_mask(cache: KVCache, B: int, T: int, attention_mask, device, window: int | None = None

@@ -79,9 +79,18 @@ def _coerce(value, tp, where: str):
         return None
     scalar, is_list = _base_type(tp)
     if is_list:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, scalar, where) for v in value]
+        # A list of numbers: "0.1,5.0", "0.1 5.0" (argparse's nargs) and a YAML list or string all
+        # mean the same list. Strings (paths) are never split on commas.
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if scalar in (int, float):
+            items = [part for v in items for part in (v.split(",") if isinstance(v, str) else [v])
+                     if not isinstance(part, str) or part.strip()]
+        try:
+            return [_coerce(v.strip() if isinstance(v, str) else v, scalar, where) for v in items]
+        except ValueError:
+            kind = "numbers" if scalar in (int, float) else f"{scalar.__name__} values"
+            given = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            raise ValueError(f"{where} must be {kind} separated by commas or spaces, got {given!r}") from None
     if scalar is bool:
         if isinstance(value, bool):
             return value
@@ -125,9 +134,9 @@ def build_parser(cls, description: str, epilog: str = "") -> argparse.ArgumentPa
         if scalar is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = str if scalar is Path else scalar
+            kwargs["type"] = str if scalar is Path or (is_list and scalar in (int, float)) else scalar
             if is_list:
-                kwargs["nargs"] = "+"
+                kwargs["nargs"] = "+"  # numbers are split on commas too, in _coerce
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
             if meta.get("metavar"):

@@ -141,14 +141,17 @@ def _fill_from_training_checkpoint(model: nn.Module, path: Path) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def load_sharded(fabric, path: str | os.PathLike, kernels: str = "auto") -> nn.Module:
+def load_sharded(fabric, path: str | os.PathLike, kernels: str = "auto", config: Config | None = None,
+                 convert=None) -> nn.Module:
     """The model of checkpoint `path` (any layout `load_model_from_any` reads), sharded on `fabric`
     exactly as `shard_model(fabric, load_model_from_any(path))` would be, without any rank
-    holding the full weights (collective: every rank calls it)."""
+    holding the full weights (collective: every rank calls it). `config` replaces the checkpoint's
+    (the same shapes; pretraining's --init-from with another --block-size). `convert` (--fp8's)
+    changes the meta build's modules in place before sharding, keeping the parameter names."""
     from model import hf
 
     path = resolve_model_dir(path)
-    config = read_model_config(path)
+    config = config or read_model_config(path)
     if hf.is_hf_checkpoint(path):
         fill = functools.partial(_fill_from_hf, directory=path, config=config)
     elif (path / WEIGHTS_FILE).is_file():
@@ -160,6 +163,8 @@ def load_sharded(fabric, path: str | os.PathLike, kernels: str = "auto") -> nn.M
                                 f"and {WEIGHTS_FILE}; a training checkpoint needs {MARKER} and {STATE_DIR}/")
     with torch.device("meta"):
         model = Llama(config, kernels=kernels)
+    if convert is not None:
+        convert(model)
     wrapped = shard_model(fabric, model)
     fill(unwrap(wrapped))
     return wrapped

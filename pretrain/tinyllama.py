@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from data_prep.tokenizer import load_tokenizer, tokenizer_file
+from data_prep.run_state import SUMMARY_NAME
+from data_prep.tokenizer import tokenizer_file
 from model import PRESETS, Config
+from pretrain import init_from
 from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, resolve_resume, save_consolidated,
                                  save_training_checkpoint, step_dir_name)
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
@@ -37,7 +39,9 @@ from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, 
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
+from pretrain.sharded_load import load_sharded
 
+DEFAULT_PRESET = "tinyllama-1.1b"
 VAL_SEED = 20240101  # the validation windows do not depend on --seed, so runs stay comparable
 
 
@@ -46,11 +50,17 @@ class PretrainOptions(CommonOptions):
     """Every option of pretrain/tinyllama.py; the flag of field `micro_batch_size` is --micro-batch-size."""
 
     # model
-    config: str = opt("tinyllama-1.1b", "model preset", choices=sorted(PRESETS))
+    config: str | None = opt(None, f"model preset; default: {DEFAULT_PRESET}, or --init-from's model",
+                             choices=sorted(PRESETS))
+    init_from: Path | None = opt(None, "continue pretraining this model: ours, a pretraining checkpoint or output "
+                                       "directory, or an HF Llama/Mistral directory; its config, weights and "
+                                       "tokenizer, a fresh optimizer and schedule (docs/pretrain.md)",
+                                 metavar="CKPT")
     vocab_size: int | None = opt(None, "override the preset's vocab size (match your tokenizer)", minimum=1)
-    block_size: int | None = opt(None, "context length; default: the preset's", minimum=1)
+    block_size: int | None = opt(None, "context length; default: the preset's (or --init-from's)", minimum=1)
     tokenizer: Path | None = opt(None, "tokenizer copied into every checkpoint and final/ (a sentencepiece .model, "
-                                       "an HF tokenizer.json, or a directory holding one with its JSON files)")
+                                       "an HF tokenizer.json, or a directory holding one with its JSON files); "
+                                       "default with --init-from: its tokenizer")
     document_mask: bool = opt(False, "attend only within each document of a window (documents end with the shards' "
                                      "EOS) and restart RoPE positions at each document; see docs/pretrain.md")
     document_attention: str = opt("auto", "kernel for --document-mask; auto: flex_attention on CUDA (no host "
@@ -170,12 +180,13 @@ class StepProfiler:
                      f"{self.prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)}")
 
 
-def document_options(fabric, args, sampler: MixtureSampler, val_sampler, precision: str) -> dict:
-    """The model's keyword arguments for --document-mask (empty without it), after checking
-    that every shard ends documents with the same EOS; the kernel is printed."""
+def document_splitter(fabric, args, sampler: MixtureSampler, val_sampler, precision: str, window: int | None):
+    """With --document-mask, a function giving a micro-batch's documents (model.document_mask.Documents,
+    built once per micro-batch and shared by every layer), after checking that every shard ends
+    documents with the same EOS; the kernel is printed. Without it, a function giving None."""
     if not args.document_mask:
-        return {}
-    from model.document_mask import document_attention_backend
+        return lambda x: None
+    from model.document_mask import Documents, document_attention_backend
 
     eos = sampler.eos_id()
     if val_sampler is not None and val_sampler.eos_id() != eos:
@@ -185,17 +196,18 @@ def document_options(fabric, args, sampler: MixtureSampler, val_sampler, precisi
     kernel = document_attention_backend(fabric.device, dtype, args.document_attention)
     fabric.print(f"attention within documents (EOS id {eos}): kernel {kernel}; RoPE positions restart "
                  f"at each document")
-    return {"document_eos": eos, "document_backend": kernel}
+    return lambda x: Documents(x, eos, kernel, window=window)
 
 
 @torch.no_grad()
-def validate(fabric, model, sampler: MixtureSampler, args, model_kwargs: dict) -> float:
+def validate(fabric, model, sampler: MixtureSampler, args, documents_of) -> float:
     model.eval()
     total = torch.zeros((), device=fabric.device)
     batches = validation_indices(args.val_batches, args.micro_batch_size, fabric.global_rank, fabric.world_size)
     for indices in batches:
         x, y = sampler.batch(indices)
-        total += model(x.to(fabric.device), targets=y.to(fabric.device), **model_kwargs).float()
+        x, y = x.to(fabric.device), y.to(fabric.device)
+        total += model(x, targets=y, documents=documents_of(x)).float()
     model.train()
     mean = fabric.all_reduce(total / max(1, len(batches)), reduce_op="mean")
     return float(mean)
@@ -211,6 +223,23 @@ def default_val_dirs(args) -> list[SourceSpec]:
 
 
 def train(args: PretrainOptions) -> int:
+    # --init-from, --tokenizer and the shards are checked before anything is written.
+    init = init_from.resolve(args.init_from, args.config, args.vocab_size, args.block_size) if args.init_from else None
+    if init is not None:
+        config = init.config
+    else:
+        overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v}
+        config = Config.from_name(args.config or DEFAULT_PRESET, **overrides)
+    # the same checks as every other command: it loads, and its ids fit the embedding
+    tokenizer = init_from.run_tokenizer(init, args.tokenizer, config.vocab_size)
+    tokenizer_source = tokenizer[1] if tokenizer is not None else None
+    train_specs, val_specs = resolve_data_dirs(args.data, args.data_root), default_val_dirs(args)
+    unchecked = []
+    if tokenizer is not None:  # shards of another tokenizer are refused
+        what = "--tokenizer" if args.tokenizer else f"--init-from {args.init_from}'s tokenizer"
+        unchecked = init_from.check_shards_tokenizer(tokenizer[0], [s.directory for s in train_specs + val_specs],
+                                                     what)
+
     stop = StopSignal()
     fabric = setup_fabric(args, activation_checkpointing=args.activation_checkpointing, compile=args.compile,
                           seed=args.seed)
@@ -224,14 +253,14 @@ def train(args: PretrainOptions) -> int:
                          f"--micro-batch-size x world size = {args.micro_batch_size} x {world} = {per_step}")
     accum = args.global_batch_size // per_step
 
-    overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v}
-    config = Config.from_name(args.config, **overrides)
-    if args.tokenizer:  # the same checks as every other command: it loads, and its ids fit the embedding
-        load_tokenizer(override=args.tokenizer, model_vocab_size=config.vocab_size)
-    block = config.block_size
-    sampler = MixtureSampler(resolve_data_dirs(args.data, args.data_root), block, args.seed, config.vocab_size)
-    val_specs = default_val_dirs(args)
+    # The training windows: the model's context, or --block-size (which, with --init-from, leaves a
+    # longer context of the model as it is).
+    block = init.window if init is not None else config.block_size
+    sampler = MixtureSampler(train_specs, block, args.seed, config.vocab_size)
     val_sampler = MixtureSampler(val_specs, block, VAL_SEED, config.vocab_size) if val_specs and args.val_batches else None
+    if unchecked:
+        fabric.print(f"tokenizer of the shards: not recorded in {', '.join(map(str, unchecked))} (no "
+                     f"{SUMMARY_NAME} from data_prep); only their vocab_size was checked against {what}")
 
     convert, fp8_all_gather = None, False
     if args.fp8:
@@ -243,7 +272,16 @@ def train(args: PretrainOptions) -> int:
         fp8_all_gather = fabric.device.type == "cuda"  # torchao's float8 all-gather is CUDA's
         converted = []
         convert = lambda m: converted.append(fp8.convert_fp8(m, args.debug_fp8_emulate, fp8_all_gather))  # noqa: E731
-    model = init_model(fabric, config, args.kernels, args.seed, convert=convert)
+    resume_path, ignored = resolve_resume(args.resume, ckpt_root)
+    if init is not None and resume_path is None:
+        model = load_sharded(fabric, init.path, args.kernels, config=config, convert=convert)
+        fabric.print(f"--init-from {args.init_from}: weights of {init.path} loaded into the shards; fresh "
+                     f"optimizer and schedule from step 0")
+    else:
+        model = init_model(fabric, config, args.kernels, args.seed, convert=convert)
+        if init is not None:
+            fabric.print(f"--init-from {args.init_from} is not read: resuming from {resume_path}, which holds "
+                         f"this run's weights")
     if args.fp8:
         fabric.print(fp8.fp8_description(converted[0], fp8_all_gather, args.debug_fp8_emulate))
         if not args.compile:
@@ -257,7 +295,6 @@ def train(args: PretrainOptions) -> int:
     run_args = as_dict(args)
     train_state = {"step": 0, "tokens_seen": 0, "next_sample_index": 0, "skipped_steps": 0,
                    "config": config.to_dict(), "global_batch_size": args.global_batch_size}
-    resume_path, ignored = resolve_resume(args.resume, ckpt_root)
     for bad in ignored:
         fabric.print(f"ignoring incomplete checkpoint {bad} (no COMPLETE marker: cut off mid-write)")
     if resume_path is not None:
@@ -265,7 +302,8 @@ def train(args: PretrainOptions) -> int:
         # Compared as Configs: a checkpoint saved before a Config field existed holds its default.
         if loaded.get("config") is None or Config.from_dict(loaded["config"]) != config:
             raise CheckpointError(f"{resume_path}: saved model config {loaded.get('config')} differs from this "
-                                  f"run's {config.to_dict()}; resume with the same --config/--vocab-size/--block-size")
+                                  f"run's {config.to_dict()}; resume with the same --config/--init-from/"
+                                  f"--vocab-size/--block-size")
         if loaded.get("global_batch_size") != args.global_batch_size:
             raise CheckpointError(f"{resume_path}: saved with --global-batch-size {loaded.get('global_batch_size')}, "
                                   f"this run has {args.global_batch_size}; the data order depends on it")
@@ -288,13 +326,15 @@ def train(args: PretrainOptions) -> int:
         write_run_config(out, script_name(__file__), args, resolved)
     logger = MetricsLogger(out, enabled=rank == 0, wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
                            run_config={**run_args, **{f"resolved/{k}": v for k, v in resolved.items()}})
-    fabric.print(f"model {config.name}: {config.num_params:,} parameters, context {block}, vocab {config.vocab_size}; "
+    windows = "" if block == config.block_size else f" (training windows of {block})"
+    fabric.print(f"model {config.name}: {config.num_params:,} parameters, context {config.block_size}{windows}, "
+                 f"vocab {config.vocab_size}; "
                  f"{world} rank(s) x {accum} micro-batch(es) of {args.micro_batch_size} = "
                  f"{args.global_batch_size} sequences ({tokens_per_step:,} tokens) per step; precision "
                  f"{resolved['precision']}")
     print_run_description(fabric, resolved)
     fabric.print(f"data: {sampler.describe()}")
-    document_kwargs = document_options(fabric, args, sampler, val_sampler, resolved["precision"])
+    documents_of = document_splitter(fabric, args, sampler, val_sampler, resolved["precision"], config.sliding_window)
     fabric.print(MFU_CONVENTION + ("" if peak else " (n/a: no peak FLOP/s for this device)"))
 
     loader = make_loader(sampler, start_step, args.global_batch_size, args.micro_batch_size, rank, world,
@@ -316,7 +356,7 @@ def train(args: PretrainOptions) -> int:
             return None
         with meter.paused():  # saving is not training throughput
             path = save_training_checkpoint(fabric, ckpt_root, step_done, model, optimizer, dict(train_state),
-                                            config, run_args, tokenizer=args.tokenizer, keep_last=args.keep_last)
+                                            config, run_args, tokenizer=tokenizer_source, keep_last=args.keep_last)
         fabric.print(f"saved checkpoint {path}")
         return path
 
@@ -326,7 +366,7 @@ def train(args: PretrainOptions) -> int:
             x, y = next(batches)
             x, y = x.to(fabric.device, non_blocking=True), y.to(fabric.device, non_blocking=True)
             meter.add_data_wait(time.perf_counter() - t0)
-            loss = model(x, targets=y, **document_kwargs)
+            loss = model(x, targets=y, documents=documents_of(x))
             if step_number in nan_steps:
                 loss = loss * float("nan")
             if step_number in inf_grad_steps:
@@ -392,7 +432,7 @@ def train(args: PretrainOptions) -> int:
 
             if val_sampler is not None and (step % args.val_every == 0 or step == args.max_steps):
                 with meter.paused():  # validation is not training throughput
-                    val_loss = validate(fabric, model, val_sampler, args, document_kwargs)
+                    val_loss = validate(fabric, model, val_sampler, args, documents_of)
                 logger.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
                 fabric.print(f"step {step}: validation loss {val_loss:.4f}")
 
@@ -420,7 +460,7 @@ def train(args: PretrainOptions) -> int:
     elif exit_reason == "signal":
         fabric.print(f"received a stop signal: saved {ckpt_root / step_dir_name(step)}; continue with --resume auto")
     elif step >= args.max_steps and not args.no_save:
-        save_consolidated(fabric, model, out / "final", tokenizer=args.tokenizer)
+        save_consolidated(fabric, model, out / "final", tokenizer=tokenizer_source)
         fabric.print(f"training finished: {step} steps, {train_state['tokens_seen']:,} tokens; "
                      f"consolidated model in {out / 'final'}")
     elif step >= args.max_steps:

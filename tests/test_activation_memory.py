@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from model import Config, Llama
+from model.llama import ForwardContext
 from pretrain.engine import ALLOC_CONF, configure_cuda_allocator
 
 
@@ -39,7 +40,8 @@ def test_attention_saves_no_storage_larger_than_what_it_uses():
     attn = model.layers[0].attn
     qkv_out = []
     attn.qkv.register_forward_hook(lambda m, i, o: qkv_out.append(o.untyped_storage().data_ptr()))
-    saved = saved_storages(lambda: attn(x, cos[:T], sin[:T], "torch"), model.parameters())
+    ctx = ForwardContext(ops=model.ops(x.device), cos=cos[:T], sin=sin[:T])
+    saved = saved_storages(lambda: attn(x, ctx), model.parameters())
     # v saved as a view of the fused qkv output would keep all (4 + 2 + 2) heads alive for backward.
     assert qkv_out[0] not in saved
     wasted = {ptr: nbytes - used for ptr, (nbytes, used) in saved.items() if nbytes > used}

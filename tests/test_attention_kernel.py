@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model.attention as attention
+import model.flash_attn as flash_attn
 from model import Config, Llama
 from model.document_mask import Documents, document_attention_backend
 
@@ -100,7 +101,7 @@ def test_documents_are_built_without_a_host_sync(monkeypatch, kernel):
     assert docs.positions[0, :4].tolist() == [0, 1, 2, 0]
 
 
-def test_documents_are_built_once_per_forward(monkeypatch):
+def test_the_model_builds_no_documents_of_its_own(monkeypatch):
     import model.document_mask as dm
 
     built = []
@@ -109,11 +110,11 @@ def test_documents_are_built_once_per_forward(monkeypatch):
     config = Config.from_name("tiny", block_size=16)
     m = Llama(config, kernels="torch")
     ids = torch.randint(3, config.vocab_size, (2, 16))
-    m(ids, targets=ids, document_eos=2).backward()
-    assert len(built) == 1 and config.n_layer > 1
+    m(ids, targets=ids, documents=Documents(ids, eos_id=2, backend="sdpa-mask")).backward()
+    assert len(built) == 1 and config.n_layer > 1  # the caller's, shared by every layer
 
 
 def test_flex_is_the_default_on_cuda_even_with_flash_attn(monkeypatch):
-    monkeypatch.setattr(attention, "_HAS_FLASH_ATTN", True)
+    monkeypatch.setattr(flash_attn, "HAS_FLASH_ATTN", True)
     assert document_attention_backend(torch.device("cuda"), torch.bfloat16) == "flex"
     assert document_attention_backend(torch.device("cpu"), torch.float32) == "sdpa-mask"

@@ -1,5 +1,5 @@
 """scripts/bench_loader.py: a small run measures every mode on both generated mixtures and on
---data, and writes the rows it prints (no timing is asserted, DESIGN.md rule 8)."""
+--data, and writes the rows it prints (no timing is asserted, docs/design.md rule 8)."""
 from __future__ import annotations
 
 import importlib.util

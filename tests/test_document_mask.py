@@ -23,6 +23,11 @@ def tiny_model():
     return Llama(Config.from_name("tiny"), kernels="torch").float()
 
 
+def split(model, x, backend="sdpa-mask"):
+    """The documents of batch `x` (ending with EOS), as the pretraining loop builds them for `model`."""
+    return Documents(x, EOS, backend, window=model.config.sliding_window)
+
+
 def three_documents(seed=0):
     """One window of 40 tokens: the tail of a document, a whole one, and the start of a third."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +54,7 @@ def test_positions_and_documents_restart_after_each_eos():
 def test_each_document_is_computed_as_if_alone():
     model = tiny_model()
     x, y, lengths = three_documents()
-    logits = model(x, document_eos=EOS, document_backend="sdpa-mask")
+    logits = model(x, documents=split(model, x))
     losses = F.cross_entropy(logits[0], y[0], reduction="none")
     losses.sum().backward()
     masked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -76,14 +81,14 @@ def test_flex_attention_kernel_matches_the_dense_mask(window):
     model = tiny_model() if window is None else Llama(
         Config.from_name("tiny", architecture="MistralForCausalLM", sliding_window=window), kernels="torch")
     x = torch.cat([three_documents(seed=s)[0] for s in (3, 4)])
-    torch.testing.assert_close(model(x, document_eos=EOS, document_backend="flex"),
-                               model(x, document_eos=EOS, document_backend="sdpa-mask"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(x, documents=split(model, x, "flex")),
+                               model(x, documents=split(model, x)), rtol=0, atol=1e-5)
 
 
 def test_fused_loss_with_document_mask_equals_the_mean_of_documents_alone():
     model = tiny_model()
     x, y, lengths = three_documents(seed=1)
-    masked = model(x, targets=y, document_eos=EOS)
+    masked = model(x, targets=y, documents=split(model, x))
     alone = sum(model(xs, targets=ys) * n for xs, ys, n in zip(x.split(lengths, 1), y.split(lengths, 1), lengths))
     torch.testing.assert_close(masked, alone / sum(lengths), rtol=0, atol=1e-5)
 
@@ -91,14 +96,14 @@ def test_fused_loss_with_document_mask_equals_the_mean_of_documents_alone():
 def test_a_window_without_eos_is_plain_causal_attention():
     model = tiny_model()
     x = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(model(x, document_eos=EOS), model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x, documents=split(model, x)), model(x), rtol=0, atol=1e-6)
 
 
 def test_misuse_is_refused():
     model = tiny_model()
     x = torch.randint(3, 512, (1, 8))
     with pytest.raises(ValueError, match="KV cache"):
-        model(x, document_eos=EOS, cache=model.make_kv_cache(1, 16))
+        model(x, documents=split(model, x), cache=model.make_kv_cache(1, 16))
     with pytest.raises(ValueError, match="flash-varlen"):
         document_attention_backend(torch.device("cpu"), torch.float32, "flash-varlen")
     assert document_attention_backend(torch.device("cpu"), torch.float32) == "sdpa-mask"

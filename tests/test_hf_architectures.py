@@ -4,8 +4,8 @@ linear-RoPE Llama and two Mistrals (no window; a window shorter than the sequenc
 import gives transformers' logits (fp32, <= 1e-5) and our KV-cache greedy decoding equals HF
 `generate`; export loads back in transformers as the same class, tied as it was, with the same
 logits. Both config spellings of RoPE are read; counts are right for tied models and explicit
-head_dim; every unsupported variant and a GGUF or other file is refused with exit 2 through the
-command's main(argv), naming the file and field, with nothing written."""
+head_dim; every unsupported variant is refused by import with exit 2, naming the file and field,
+with nothing written (every command against every bad checkpoint: tests/test_bad_checkpoints.py)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from conftest import TINY_HF_MODELS, load_script, require_module
 
 from finetune.generate import generate_batch
 from model import Config, Llama
+from model.document_mask import Documents
 from model.hf import config_from_hf, load_hf, save_hf
 
 transformers = require_module("transformers")
@@ -51,7 +52,7 @@ def test_import_gives_transformers_logits(tiny_hf_models, kind):
     x = tokens()
     assert max_diff(ours(x), theirs(x).logits) <= 1e-5
     # every sequence is also one document: the document-mask path (with its own window) agrees too
-    assert max_diff(ours(x, document_eos=10_000), theirs(x).logits) <= 1e-5
+    assert max_diff(ours(x, documents=Documents(x, 10_000, "sdpa-mask", window=ours.config.sliding_window)), theirs(x).logits) <= 1e-5
 
 
 def test_import_reads_what_each_checkpoint_declares(tiny_hf_models):
@@ -224,44 +225,6 @@ def test_unsupported_variants_are_refused_naming_the_file_and_field(tiny_hf_mode
     err = capsys.readouterr().err
     assert f"{directory / 'config.json'}:" in err and field in err, err
     assert not out.exists()
-
-
-def test_a_gguf_or_other_file_is_refused_by_every_command(tmp_path, convert_hf, capsys):
-    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
-    other = tmp_path / "model.safetensors"
-    other.write_bytes(bytes(64))
-    generate, chat = load_script("generate"), load_script("chat")
-    out = tmp_path / "out"
-    for path, expected in ((gguf, "a GGUF file (llama.cpp's format), not a model directory"),
-                           (other, "a file, not a model directory")):
-        commands = [
-            lambda p: convert_hf.main(["import", "--hf", str(p), "--out", str(out)]),
-            lambda p: convert_hf.main(["export", "--ckpt", str(p), "--out", str(out)]),
-            lambda p: generate.main(["--ckpt", str(p), "--prompt", "hi", "--device", "cpu"]),
-            lambda p: chat.main(["--ckpt", str(p), "--device", "cpu"]),
-        ]
-        for command in commands:
-            assert command(path) == 2
-            err = capsys.readouterr().err
-            assert f"{path}: {expected}" in err, err
-            assert path is not gguf or "gguf_file=" in err  # and how to convert it
-            assert not out.exists()
-
-
-def test_finetuning_refuses_an_unsupported_checkpoint_before_starting(tiny_hf_models, tmp_path, capsys):
-    from finetune import sft, spin
-
-    directory = edited_copy(tiny_hf_models["linear-rope"], tmp_path, hidden_act="gelu")
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
-                                             {"role": "assistant", "content": "b"}]}) + "\n")
-    for main in (sft.main, spin.main):
-        out = tmp_path / f"out-{main.__module__}"
-        assert main(["--ckpt", str(directory), "--data", str(chat), "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"{directory / 'config.json'}: unsupported Llama variant: hidden_act='gelu'" in err, err
-        assert not out.exists()
 
 
 # ---- import -> SFT -> SPIN -> export ----------------------------------------------------------

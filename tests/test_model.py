@@ -166,3 +166,27 @@ def test_context_overflow_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_kernels_are_resolved_once_not_per_layer_or_forward(monkeypatch):
+    import kernels
+
+    resolved = []
+    original = kernels.resolve_backend
+    monkeypatch.setattr(kernels, "resolve_backend", lambda *a: (resolved.append(a), original(*a))[1])
+    model = Llama(Config.from_name("tiny", block_size=16), kernels="torch")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model(ids)
+    model(ids, targets=ids)
+    assert len(resolved) == 1 and model.config.n_layer > 1
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Llama(Config.from_name("tiny"), kernels="cuda")  # refused when built, not at the first forward
+
+
+def test_the_attention_modules_do_not_import_each_other():
+    import subprocess
+    import sys
+
+    code = ("import sys, model.document_mask, model.flash_attn; "
+            "assert 'model.attention' not in sys.modules and 'model.llama' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_document_mask import three_documents
+from test_document_mask import split, three_documents
 
 from model import Config, Llama
 from model.attention import attention
@@ -54,12 +54,12 @@ def test_sdpa_window_matches_a_naive_loop(T, S):
 def test_each_document_is_computed_alone_with_the_window():
     model = windowed_model()
     x, _, lengths = three_documents()
-    masked = model(x, document_eos=EOS, document_backend="sdpa-mask")
+    masked = model(x, documents=split(model, x))
     alone = torch.cat([model(part) for part in x.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(masked, alone, rtol=0, atol=1e-5)
     # the window matters here: without it the documents longer than it come out differently
     unwindowed = windowed_model(window=None)
-    assert (unwindowed(x, document_eos=EOS, document_backend="sdpa-mask") - masked).abs().max() > 1e-3
+    assert (unwindowed(x, documents=split(unwindowed, x)) - masked).abs().max() > 1e-3
 
 
 @torch.no_grad()

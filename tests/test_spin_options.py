@@ -129,3 +129,14 @@ def test_data_or_pairs(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_beta_is_a_typed_list_from_commas_spaces_or_an_old_run_config(tmp_path):
+    assert parse_args(BASE + ["--iterations", "4", "--beta", "0.1", "0.1", "0.1", "5"]).beta == [0.1, 0.1, 0.1, 5.0]
+    assert parse_args(BASE + ["--iterations", "2", "--beta", "0.1,", "5"]).beta == [0.1, 5.0]
+    # config.yaml written before --beta was a list held it as the comma-separated string
+    old = tmp_path / "config.yaml"
+    old.write_text("options:\n  ckpt: C\n  data: D\n  out: O\n  iterations: 4\n  beta: 0.1,0.1,0.1,5.0\n")
+    assert parse_args(["--run-config", str(old)]).beta == [0.1, 0.1, 0.1, 5.0]
+    old.write_text("options:\n  ckpt: C\n  data: D\n  out: O\n  iterations: 3\n  beta: 0.5\n")
+    assert parse_args(["--run-config", str(old)]).beta == [0.5]
