@@ -36,7 +36,8 @@ from model.attention import attention_backend
 from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
 from pretrain.options import opt
 from pretrain.parallel import (PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_grad_norm, default_precision,
-                               launch, mesh_description, set_gradient_sync, sharding_description, unwrap)
+                               launch, mesh_description, recomputed_blocks, set_gradient_sync, sharding_description,
+                               unwrap)
 
 
 class TrainingError(RuntimeError):
@@ -304,7 +305,8 @@ def graph_breaks() -> int:
 def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> dict:
     """Resolved backends, precision and sharding: printed at start and stored in OUT/config.yaml.
 
-    Without `model` (SPIN before its first training stage) the sharding is not known yet.
+    Without `model` (SPIN before its first training stage) the sharding and the blocks that
+    activation checkpointing recomputes are not known yet.
     """
     precision = getattr(fabric, "train_precision", "32-true")
     compute = torch.bfloat16 if precision.startswith("bf16") else torch.float32
@@ -314,6 +316,7 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
         "kernels": kernels.resolve_backend(kernels_backend, fabric.device),
         "sharding": sharding_description(fabric, model) if model is not None else
         f"{mesh_description(fabric)} (training stages)",
+        **({"activation_checkpointing": recomputed_blocks(model)} if model is not None else {}),
         "precision": precision,
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "world_size": fabric.world_size,

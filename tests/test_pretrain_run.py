@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from data_prep.shards import write_shard
@@ -154,6 +155,7 @@ def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
     proc = run(base_args(data, out, "--activation-checkpointing"), tmp_path, launcher=fabric)
     assert "2 rank(s) x 2 micro-batch(es)" in proc.stdout
     assert "rank 0 holds 79,008 of 158,016 parameter elements" in proc.stdout  # really sharded
+    assert yaml.safe_load((out / "config.yaml").read_text())["resolved"]["activation_checkpointing"] == "2 of 2 blocks"
     state = out / "checkpoints" / "step-000030" / "state"
     assert (state / "__0_0.distcp").is_file() and (state / "__1_0.distcp").is_file()
 
