@@ -292,13 +292,25 @@ def memory_metrics(device) -> dict:
     return {"peak_memory_gb": measure_peak_memory_gb(device), "peak_reserved_gb": measure_peak_reserved_gb(device)}
 
 
-def graph_breaks() -> int:
-    """torch.compile graph breaks so far in this process (0 without --compile)."""
+def _dynamo_counters():
     try:
         from torch._dynamo.utils import counters
     except ImportError:  # pragma: no cover - torch without dynamo
-        return 0
-    return int(sum(counters["graph_break"].values()))
+        return None
+    return counters
+
+
+def graph_breaks() -> int:
+    """torch.compile graph breaks so far in this process (0 without --compile)."""
+    counters = _dynamo_counters()
+    return 0 if counters is None else int(sum(counters["graph_break"].values()))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process: at least one with --compile
+    (0 graph breaks alone would also be what no compilation at all reports)."""
+    counters = _dynamo_counters()
+    return 0 if counters is None else int(counters["stats"]["unique_graphs"])
 
 
 # ---- what runs ------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, reso
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
                            validation_indices)
 from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, TrainingError, build_optimizer,
-                             graph_breaks, init_model, memory_metrics, mfu_metrics, print_run_description,
-                             run_description, setup_fabric)
+                             compiled_graphs, graph_breaks, init_model, memory_metrics, mfu_metrics,
+                             print_run_description, run_description, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
@@ -347,7 +347,7 @@ def train(args: PretrainOptions) -> int:
                     **sampler.source_epochs(train_state["next_sample_index"]),  # epoch/<k>: passes over source k
                 }
                 if args.compile:
-                    metrics["graph_breaks"] = graph_breaks()
+                    metrics.update(graph_breaks=graph_breaks(), compiled_graphs=compiled_graphs())
                 logger.log(metrics, step)
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
@@ -378,7 +378,7 @@ def train(args: PretrainOptions) -> int:
             progress.close()
 
     if args.compile:
-        fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
+        fabric.print(f"torch.compile: {compiled_graphs()} graph(s) compiled, {graph_breaks()} graph break(s)")
     if last_saved != step:
         save(step)
     if exit_reason == "signal" and args.no_save:
