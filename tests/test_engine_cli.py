@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from model import Config, Llama
@@ -61,19 +62,27 @@ def test_sft_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
 
 
 def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
-    out = tmp_path / "spin"
-    run([*FABRIC, REPO / "finetune" / "spin.py", "--ckpt", tiny_ckpt, "--data", chat_file, "--out", out,
-         "--iterations", 1, "--num-prompts", 16, "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48,
-         "--gen-batch-size", 4, "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4,
-         "--no-progress", "--sharding", "ddp"])
+    """Under `fabric run` each rank generates its share and trains on its half of each global batch:
+    the two steps (4 pairs each; the first one's loss is log 2 on any data) and the trained weights
+    equal a one-process run of the same command."""
+    args = ["--ckpt", tiny_ckpt, "--data", chat_file, "--iterations", 1, "--num-prompts", 8,
+            "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48, "--gen-batch-size", 4,
+            "--global-batch-size", 4, "--micro-batch-size", 1, "--epochs", 1, "--lr", 1e-3, "--no-progress"]
+    out, single = tmp_path / "spin", tmp_path / "single"
+    run([*FABRIC, REPO / "finetune" / "spin.py", *args, "--out", out, "--sharding", "ddp"])
+    run([sys.executable, REPO / "finetune" / "spin.py", *args, "--out", single])
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["options"]["sharding"] == "ddp"
     assert saved["resolved"]["sharding"].startswith("ddp (FSDP2, replicate 2 x shard 1) over 2 rank(s)")
-    assert (out / "iter1" / "model.safetensors").is_file()
     assert (out / "work" / "iter0" / "generations.rank1.jsonl").is_file()  # rank 1 generated its share
-    train = [m for m in metrics(out) if "rewards/accuracies" in m]
-    assert train and all(m["iteration"] == 0 for m in train)
-    assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 1, "global_step": len(train)}
+    assert (out / "work" / "iter0" / "generations.jsonl").read_text() == \
+        (single / "work" / "iter0" / "generations.jsonl").read_text()
+    train, alone = ([m for m in metrics(o) if "rewards/accuracies" in m] for o in (out, single))
+    assert len(train) == 2 and all(m["iteration"] == 0 for m in train)
+    assert [m["loss"] for m in train] == pytest.approx([m["loss"] for m in alone], abs=1e-5)
+    a, b = (Llama.load(o / "iter1", kernels="torch").state_dict() for o in (out, single))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 1, "global_step": 2}
 
 
 # ---- defect 10: --compile on CPU, graph breaks reported; config.yaml and --run-config --------
