@@ -17,6 +17,7 @@ The resolved options go to OUT/config.yaml; `--run-config OUT/config.yaml` start
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -102,7 +103,9 @@ class PretrainOptions(CommonOptions):
     # debug hooks for tests, hidden from --help
     debug_nan_steps: str = opt("", hidden=True)
     debug_inf_grad_steps: str = opt("", hidden=True)
-    debug_step_delay: float = opt(0.0, hidden=True)
+    # "STEP:SIGNAL[:RANK]": after optimizer step STEP the rank (every rank without RANK) sends
+    # itself SIGNAL, so a test stops the run at a step it chooses instead of racing a timer
+    debug_signal: str = opt("", hidden=True)
 
     def problems(self) -> list[str]:
         problems = []
@@ -255,6 +258,8 @@ def train(args: PretrainOptions) -> int:
     peak = peak_flops_per_second(fabric.device)
     nan_steps = {int(s) for s in args.debug_nan_steps.split(",") if s.strip()}
     inf_grad_steps = {int(s) for s in args.debug_inf_grad_steps.split(",") if s.strip()}
+    signal_step, signal_name, *signal_rank = args.debug_signal.split(":") if args.debug_signal else (0, "", None)
+    signal_here = bool(args.debug_signal) and signal_rank in ([], [str(rank)])
 
     resolved.update(accumulation=accum, num_params=config.num_params, peak_flops=peak)
     if rank == 0:
@@ -330,8 +335,8 @@ def train(args: PretrainOptions) -> int:
             if profiler is not None:
                 with meter.paused():  # the profiler's bookkeeping is not training throughput
                     profiler.finish(fabric, step)
-            if args.debug_step_delay:
-                time.sleep(args.debug_step_delay)
+            if signal_here and step == int(signal_step):
+                os.kill(os.getpid(), signal.Signals[signal_name])
 
             if step % args.log_every == 0 or step == end_step:
                 rate = meter.read()

@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
 the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
-dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, and a recorder of the tensor strides a
-Triton kernel is launched with."""
+dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, a recorder of
+the tensor strides a Triton kernel is launched with, and the session's reserved rendezvous port
+(MASTER_PORT, `fabric_run`) for every multi-process run."""
 from __future__ import annotations
 
 import os
@@ -16,9 +17,12 @@ if not torch.cuda.is_available():
 
 import importlib
 import random
+import sys
 from pathlib import Path
 
 import pytest
+
+from pretrain.ports import reserved_port
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
@@ -34,10 +38,32 @@ def tokenizer_for(which: str, tiny_tokenizer: Path) -> Path:
     return LLAMA2_TOKENIZER
 
 
+@pytest.fixture(scope="session", autouse=True)
+def master_port():
+    """One TCP port kept from every other process for this session (pretrain/ports.py) and put in
+    MASTER_PORT, which Lightning's own launcher (`python script.py --devices N`) and the probes
+    read; `fabric run` gets it through fabric_run(). A session's runs are sequential, so they
+    share it; another suite on the machine holds another port, and neither uses 29400/29500."""
+    old = os.environ.get("MASTER_PORT")
+    with reserved_port() as port:
+        os.environ["MASTER_PORT"] = str(port)
+        yield port
+    if old is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = old
+
+
+def fabric_run(*options) -> list[str]:
+    """`fabric run` (the launcher beside this interpreter) on the session's reserved port, then
+    `options` (--accelerator, --devices, ...)."""
+    return [str(Path(sys.executable).parent / "fabric"), "run", "--main-port", os.environ["MASTER_PORT"],
+            *map(str, options)]
+
+
 def load_script(name: str):
     """scripts/<name>.py imported as module `name` (scripts/ is not a package)."""
     import importlib.util
-    import sys
 
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module, tokenizer_for
 from finetune.chat import ChatEncoder, ChatTemplate
 from finetune.conversation import Conversation, TemplateFormat, find_chat_format
 from data_prep.tokenizer import Tokenizer
@@ -100,8 +101,7 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
 def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, tmp_path):
     """An HF directory's template gives transformers' ids; for our template these are also the
     ids of ChatEncoder.conversation_ids, the layout SFT trained on."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import tokenizer_for
+    transformers = require_module("transformers")
     from model.hf import save_hf_tokenizer
 
     path = tokenizer_for(which, tiny_tokenizer)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
+from conftest import fabric_run
 from model import Config, Llama
 from test_spin_e2e import chat_file, tiny_ckpt  # noqa: F401  (the same tiny checkpoint and chat data)
 
 REPO = Path(__file__).resolve().parents[1]
-FABRIC = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2"]
 
 
 def env() -> dict:
@@ -50,7 +50,8 @@ def metrics(out: Path) -> list[dict]:
 # ---- defect 1: `fabric run` for SFT and SPIN -------------------------------------------------
 def test_sft_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
     out = tmp_path / "sft"
-    proc = run([*FABRIC, REPO / "finetune" / "sft.py", "--ckpt", tiny_ckpt, "--data", chat_file, "--out", out,
+    proc = run([*fabric_run("--accelerator", "cpu", "--devices", 2), REPO / "finetune" / "sft.py", "--ckpt", tiny_ckpt,
+                "--data", chat_file, "--out", out,
                 "--max-steps", 2, "--global-batch-size", 8, "--micro-batch-size", 2, "--lr", 1e-3,
                 "--sharding", "hsdp", "--shard-size", 1])
     assert "sharding: hsdp (FSDP2, replicate 2 x shard 1) over 2 rank(s)" in proc.stdout
@@ -69,7 +70,8 @@ def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_fi
             "--max-new-tokens", 6, "--max-prompt-len", 24, "--max-len", 48, "--gen-batch-size", 4,
             "--global-batch-size", 4, "--micro-batch-size", 1, "--epochs", 1, "--lr", 1e-3, "--no-progress"]
     out, single = tmp_path / "spin", tmp_path / "single"
-    run([*FABRIC, REPO / "finetune" / "spin.py", *args, "--out", out, "--sharding", "ddp"])
+    run([*fabric_run("--accelerator", "cpu", "--devices", 2), REPO / "finetune" / "spin.py", *args, "--out", out,
+         "--sharding", "ddp"])
     run([sys.executable, REPO / "finetune" / "spin.py", *args, "--out", single])
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["options"]["sharding"] == "ddp"

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import require_module
 from finetune.generate import generate_batch
 from finetune.inference import TextStream
 from data_prep.tokenizer import Tokenizer
@@ -48,7 +49,7 @@ def write_training_checkpoint(consolidated, step_dir):
 
 @pytest.mark.parametrize("fmt", ["sft", "hf", "pretrain_final", "pretrain_step", "pretrain_out"])
 def test_greedy_matches_transformers(fmt, tiny_checkpoints, tiny_tokenizer, tmp_path, request):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     ckpt = tiny_checkpoints.get(fmt)
     if fmt == "pretrain_final":  # a pretraining --out directory: the weights and tokenizer are in final/
         shutil.copytree(tiny_checkpoints["base"], tmp_path / "run" / "final")
