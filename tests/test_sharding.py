@@ -107,9 +107,9 @@ def readme_two_node_commands() -> list[list[str]]:
 
 def test_two_node_launch_equals_one_node_with_two_processes(runs, data, tmp_path):
     """The README's two `fabric run` launchers (node ranks 0 and 1, one process each, loopback
-    address), with the session's reserved port and this test's tiny run, against the 1-node 2-process run."""
+    address), with this test's reserved port and this test's tiny run, against the 1-node 2-process run."""
     out = tmp_path / "two-nodes"
-    port = os.environ["MASTER_PORT"]  # the session's reserved port (conftest.master_port)
+    port = os.environ["MASTER_PORT"]  # this test's reserved port (conftest.master_port)
     procs = []
     for node_rank, command in enumerate(readme_two_node_commands()):
         assert command[command.index("--node-rank") + 1] == str(node_rank)
