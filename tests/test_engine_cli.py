@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fabric_run
+from conftest import fabric_run, run_main
 from model import Config, Llama
 from test_spin_e2e import chat_file, tiny_ckpt  # noqa: F401  (the same tiny checkpoint and chat data)
 
@@ -127,19 +127,19 @@ def test_run_config_restarts_the_same_run(shards, tmp_path):
 
 # ---- typed options ------------------------------------------------------------------------
 def test_bad_options_exit_2_naming_every_flag(tmp_path):
-    proc = subprocess.run([sys.executable, REPO / "finetune" / "sft.py", "--ckpt", tmp_path, "--data", tmp_path,
-                           "--out", tmp_path, "--precision", "fp8", "--micro-batch-size", "0", "--lr-schedule",
-                           "cosine"], env=env(), capture_output=True, text=True, timeout=120)
+    from finetune import sft, spin
+    from pretrain import tinyllama
+
+    proc = run_main(sft.main, "--ckpt", tmp_path, "--data", tmp_path, "--out", tmp_path, "--precision", "fp8",
+                    "--micro-batch-size", "0", "--lr-schedule", "cosine")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "fp8" in proc.stderr
-    proc = subprocess.run([sys.executable, REPO / "finetune" / "spin.py", "--ckpt", tmp_path, "--data", tmp_path,
-                           "--out", tmp_path, "--micro-batch-size", "0", "--top-p", "1.5"], env=env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_main(spin.main, "--ckpt", tmp_path, "--data", tmp_path, "--out", tmp_path, "--micro-batch-size", "0",
+                    "--top-p", "1.5")
     assert proc.returncode == 2
     assert "--micro-batch-size must be positive, got 0" in proc.stderr and "--top-p must be in (0, 1]" in proc.stderr
     bad = tmp_path / "config.yaml"
     bad.write_text("options:\n  no_such_option: 1\n")
-    proc = subprocess.run([sys.executable, REPO / "pretrain" / "tinyllama.py", "--run-config", bad], env=env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_main(tinyllama.main, "--run-config", bad)
     assert proc.returncode == 2 and "unknown option(s) no_such_option" in proc.stderr
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import fabric_run
+from conftest import fabric_run, run_main
 from data_prep.shards import write_shard
 from pretrain.data import MixtureSampler, SourceSpec
 
@@ -209,7 +209,9 @@ def test_bad_input_gives_a_clear_error(data, tmp_path):
     big = tmp_path / "big"
     big.mkdir()
     write_shard(big / "shard-0000.bin", np.arange(100), vocab_size=1000, eos_id=2, num_docs=1)
-    proc = run(base_args(data, tmp_path / "out", "--data", f"{big}:1"), tmp_path, check=False)
+    from pretrain import tinyllama
+
+    proc = run_main(tinyllama.main, *base_args(data, tmp_path / "out", "--data", f"{big}:1"))
     assert proc.returncode == 2
     assert "shard-0000.bin" in proc.stderr and "--vocab-size 1000" in proc.stderr
 

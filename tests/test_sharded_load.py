@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from test_finetune_ckpt_sources import pretrain_out  # noqa: F401  (fixture)
 from test_spin_e2e import chat_file, run_cli  # noqa: F401  (fixture)
 
@@ -171,8 +172,10 @@ def broken(tmp_path, tiny_tokenizer):
 
 
 def sft_error(ckpt: Path, chat_file: Path, tmp_path: Path) -> str:  # noqa: F811
-    r = run_cli("sft.py", "--ckpt", ckpt, "--data", chat_file, "--out", tmp_path / "out", "--max-steps", 1,
-                "--global-batch-size", 4, "--micro-batch-size", 4)
+    from finetune import sft
+
+    r = run_main(sft.main, "--ckpt", ckpt, "--data", chat_file, "--out", tmp_path / "out", "--max-steps", 1,
+                 "--global-batch-size", 4, "--micro-batch-size", 4)
     assert r.returncode == 2, r.stderr[-3000:]
     assert not (tmp_path / "out" / "final").exists()
     return r.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import fabric_run
+from conftest import fabric_run, run_main
 from pretrain.parallel import mesh_shape
 from test_pretrain_run import base_args, env, learnable_corpus, losses, run
 
@@ -145,7 +145,9 @@ def test_shard_size_is_checked():
 
 
 def test_shard_size_without_hsdp_is_bad_input(data, tmp_path):
-    proc = run(args_for(data, tmp_path / "out", "--sharding", "fsdp", "--shard-size", "2"), tmp_path, check=False)
+    from pretrain import tinyllama
+
+    proc = run_main(tinyllama.main, *args_for(data, tmp_path / "out", "--sharding", "fsdp", "--shard-size", "2"))
     assert proc.returncode == 2
     assert "--shard-size applies to --sharding hsdp only (got --sharding fsdp)" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 from model import Config, Llama
 
@@ -59,8 +60,10 @@ def test_sft_writes_final_checkpoint_and_metrics(tiny_ckpt, chat_file, tmp_path)
 def test_sft_bad_data_is_a_clear_error(tiny_ckpt, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    r = run_cli("sft.py", "--ckpt", tiny_ckpt, "--data", bad, "--out", tmp_path / "o")
-    assert r.returncode != 0 and "bad.jsonl:1" in r.stderr and "assistant" in r.stderr
+    from finetune import sft
+
+    r = run_main(sft.main, "--ckpt", tiny_ckpt, "--data", bad, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "assistant" in r.stderr
 
 
 @pytest.mark.slow

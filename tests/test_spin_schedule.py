@@ -9,7 +9,7 @@ import yaml
 
 from model import Llama
 from pretrain.schedule import lr_at
-from test_finetune_cli_errors import SPIN_SMALL, chat, ckpts, run  # noqa: F401  (the same tiny fixtures)
+from test_finetune_cli_errors import SPIN_SMALL, chat, ckpts, refused, run  # noqa: F401  (the same tiny fixtures)
 
 
 def flags(**changes):
@@ -53,8 +53,8 @@ def test_max_steps_does_not_shorten_the_decay(ckpts, chat, tmp_path):
 
 
 def test_epochs_beyond_the_schedule_are_refused(ckpts, chat, tmp_path):
-    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "o",
-                 *flags(epochs=3, schedule_epochs=2))
+    result = refused("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "o",
+                     *flags(epochs=3, schedule_epochs=2))
     assert result.returncode == 2 and "--epochs 3 is beyond --schedule-epochs 2" in result.stderr
 
 
