@@ -35,9 +35,9 @@ from model import Config, Llama
 from model.attention import attention_backend, select_attention_kernel
 from pretrain.metrics import measure_peak_memory_gb, measure_peak_reserved_gb
 from pretrain.options import opt
-from pretrain.parallel import (FSDP_MODES, PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_divisor, clip_with_norm,
-                               default_precision, grad_norm, launch, mesh_description, set_gradient_sync,
-                               sharding_description, unwrap)
+from pretrain.parallel import (FSDP_MODES, PRECISIONS, REDUCE_DTYPES, SHARDINGS, build_fabric, clip_divisor,
+                               clip_with_norm, default_precision, grad_norm, launch, mesh_description,
+                               recomputed_blocks, set_gradient_sync, sharding_description, unwrap)
 
 
 class TrainingError(RuntimeError):
@@ -424,13 +424,25 @@ def memory_metrics(device) -> dict:
     return {"peak_memory_gb": measure_peak_memory_gb(device), "peak_reserved_gb": measure_peak_reserved_gb(device)}
 
 
-def graph_breaks() -> int:
-    """torch.compile graph breaks so far in this process (0 without --compile)."""
+def _dynamo_counters():
     try:
         from torch._dynamo.utils import counters
     except ImportError:  # pragma: no cover - torch without dynamo
-        return 0
-    return int(sum(counters["graph_break"].values()))
+        return None
+    return counters
+
+
+def graph_breaks() -> int:
+    """torch.compile graph breaks so far in this process (0 without --compile)."""
+    counters = _dynamo_counters()
+    return 0 if counters is None else int(sum(counters["graph_break"].values()))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process: at least one with --compile
+    (0 graph breaks alone would also be what no compilation at all reports)."""
+    counters = _dynamo_counters()
+    return 0 if counters is None else int(counters["stats"]["unique_graphs"])
 
 
 # ---- the attention kernel ------------------------------------------------------------------
@@ -460,7 +472,8 @@ def select_attention(fabric, config: Config, micro_batch: int, compute_dtype: to
 def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> dict:
     """Resolved backends, precision and sharding: printed at start and stored in OUT/config.yaml.
 
-    Without `model` (SPIN before its first training stage) the sharding is not known yet.
+    Without `model` (SPIN before its first training stage) the sharding and the blocks that
+    activation checkpointing recomputes are not known yet.
     """
     precision = getattr(fabric, "train_precision", "32-true")
     compute = torch.bfloat16 if precision.startswith("bf16") else torch.float32
@@ -470,6 +483,7 @@ def run_description(fabric, model: nn.Module | None, kernels_backend: str) -> di
         "kernels": kernels.resolve_backend(kernels_backend, fabric.device),
         "sharding": sharding_description(fabric, model) if model is not None else
         f"{mesh_description(fabric)} (training stages)",
+        **({"activation_checkpointing": recomputed_blocks(model)} if model is not None else {}),
         "precision": precision,
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "fsdp_mode": getattr(fabric, "fsdp_mode", "shard"),

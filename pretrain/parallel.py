@@ -106,6 +106,15 @@ def parallelize(model: nn.Module, device_mesh, param_dtype: torch.dtype = torch.
     return model
 
 
+def recomputed_blocks(model: nn.Module) -> str:
+    """How many blocks recompute their forward in backward, read off the blocks themselves
+    (the forward `parallelize` installed), e.g. "2 of 2 blocks"; recorded in OUT/config.yaml."""
+    blocks = list(unwrap(model).layers)
+    recomputed = sum(isinstance(b.forward, functools.partial) and b.forward.func is _checkpointed_forward
+                     for b in blocks)
+    return f"{recomputed} of {len(blocks)} blocks"
+
+
 def mesh_shape(sharding: str, world_size: int, processes_per_node: int, shard_size: int | None) -> tuple[int, int]:
     """(replicate, shard) sizes of the data-parallel mesh for `--sharding`; ValueError naming the flag if impossible."""
     if sharding not in SHARDINGS:

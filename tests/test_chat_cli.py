@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script, require_module, run_main, tokenizer_for
 from finetune.chat import ChatEncoder, ChatTemplate
 from finetune.conversation import Conversation, TemplateFormat, find_chat_format
 from data_prep.tokenizer import Tokenizer
@@ -100,8 +101,7 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
 def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, tmp_path):
     """An HF directory's template gives transformers' ids; for our template these are also the
     ids of ChatEncoder.conversation_ids, the layout SFT trained on."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import tokenizer_for
+    transformers = require_module("transformers")
     from model.hf import save_hf_tokenizer
 
     path = tokenizer_for(which, tiny_tokenizer)
@@ -127,14 +127,14 @@ def test_jinja_template_ids_equal_transformers(template, which, tiny_tokenizer, 
             assert ChatEncoder(tok, ChatTemplate()).conversation_ids(turns[:k], "and the loss?") == list(expected)
 
 
-def test_missing_or_mismatched_tokenizer_is_exit_2(tiny_checkpoints, tiny_tokenizer, tmp_path, request):
+def test_missing_or_mismatched_tokenizer_is_exit_2(tiny_checkpoints, tiny_tokenizer, tmp_path):
     shutil.copytree(tiny_checkpoints["sft"], tmp_path / "ckpt", ignore=shutil.ignore_patterns("tokenizer.model"))
-    result = run_chat(request.config.rootpath, "hi\n", "--ckpt", tmp_path / "ckpt")
+    result = run_main(load_script("chat").main, "--ckpt", tmp_path / "ckpt")
     assert result.returncode == 2 and "no tokenizer" in result.stderr and "--tokenizer" in result.stderr
     from model import Config, Llama
 
     Llama(Config.from_name("tiny", vocab_size=300), kernels="torch").save(tmp_path / "small_vocab")
-    result = run_chat(request.config.rootpath, "hi\n", "--ckpt", tmp_path / "small_vocab",
+    result = run_main(load_script("chat").main, "--ckpt", tmp_path / "small_vocab",
                       "--tokenizer", tiny_tokenizer)
     assert result.returncode == 2 and "512 pieces but the model's vocab_size is 300" in result.stderr
     assert "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_main
 from model import Config, Llama
 from pretrain.checkpoint import save_training_checkpoint
 
@@ -81,7 +82,9 @@ def test_output_directory_resolves_to_newest_checkpoint_in_fp32_by_default(train
 
 def test_unknown_dtype_is_refused(trained, tmp_path):
     out, _ = trained
-    result = consolidate("--ckpt", out, "--out", tmp_path / "c", "--dtype", "int8")
+    from pretrain import consolidate as script
+
+    result = run_main(script.main, "--ckpt", out, "--out", tmp_path / "c", "--dtype", "int8")
     assert result.returncode == 2
     assert "--dtype: invalid choice: 'int8'" in result.stderr
     assert not (tmp_path / "c").exists()

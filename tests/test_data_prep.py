@@ -18,7 +18,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from conftest import LLAMA2_TOKENIZER, REPO, synthetic_text
+from conftest import LLAMA2_TOKENIZER, REPO, run_main, synthetic_text
 from data_prep import iter_documents, list_shards, read_header, read_shard
 from data_prep.errors import DataPrepError
 from data_prep.pipeline import Job, run
@@ -103,6 +103,13 @@ def cli(source: str, *args, env: dict | None = None) -> subprocess.CompletedProc
     script = REPO / "data_prep" / f"tokenize_{source}.py"
     return subprocess.run([sys.executable, str(script), "--no-progress", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def cli_refused(source: str, *args) -> subprocess.CompletedProcess:
+    """The CLI's main(argv) in this process (conftest.run_main), for runs refused before any work."""
+    import importlib
+
+    return run_main(importlib.import_module(f"data_prep.tokenize_{source}").main, "--no-progress", *args)
 
 
 def decoded(out: Path, tokenizer: Path) -> list[str]:
@@ -254,7 +261,8 @@ def test_resume_refuses_changed_settings(slimpajama, tiny_tokenizer, tmp_path):
 
 def test_missing_tokenizer_is_a_clear_error(slimpajama, tmp_path):
     root, _ = slimpajama
-    result = cli("slimpajama", "--input", root, "--output", tmp_path / "o", "--tokenizer", tmp_path / "nope.model")
+    result = cli_refused("slimpajama", "--input", root, "--output", tmp_path / "o", "--tokenizer",
+                         tmp_path / "nope.model")
     assert result.returncode == 2
     assert "nope.model does not exist" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()

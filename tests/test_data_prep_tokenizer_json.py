@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_data_prep import cli, shard_bytes, slimpajama, starcoder, tokenize  # noqa: F401  (fixtures)
+from test_data_prep import cli, cli_refused, shard_bytes, slimpajama, starcoder, tokenize  # noqa: F401  (fixtures)
 
 from data_prep import iter_documents, list_shards, read_header, read_shard
 from data_prep.errors import DataPrepError
@@ -73,7 +73,7 @@ def test_tokenizer_json_without_eos_is_refused(starcoder, hf_tokenizers, tmp_pat
     bare.mkdir()
     shutil.copyfile(hf_tokenizers["chatml"] / "tokenizer.json", bare / "tokenizer.json")
     root, kept = starcoder
-    r = cli("starcoder", "--input", root, "--output", tmp_path / "o", "--tokenizer", bare)
+    r = cli_refused("starcoder", "--input", root, "--output", tmp_path / "o", "--tokenizer", bare)
     assert r.returncode == 2 and "defines no EOS piece" in r.stderr and "--eos-token" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
     summary = tokenize("starcoder", root, tmp_path / "ok", bare, eos_token="<|endoftext|>")

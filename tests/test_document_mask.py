@@ -109,26 +109,57 @@ def test_misuse_is_refused():
     assert document_attention_backend(torch.device("cpu"), torch.float32) == "sdpa-mask"
 
 
+SHARD_EOS = 7  # the pretraining test's shards end documents with 7, not the usual 2: read from their headers
+
+
 def _pretrain(tmp_path, name, *extra):
     data = tmp_path / "data"
     if not data.exists():
         data.mkdir()
         rng = np.random.default_rng(0)
         tokens = rng.integers(3, 512, 30_000)
-        tokens[rng.random(30_000) < 0.02] = EOS  # documents of ~50 tokens
-        write_shard(data / "a_00000.bin", tokens, vocab_size=512, eos_id=EOS, num_docs=int((tokens == EOS).sum()))
+        tokens[rng.random(30_000) < 0.02] = SHARD_EOS  # documents of ~50 tokens
+        write_shard(data / "a_00000.bin", tokens, vocab_size=512, eos_id=SHARD_EOS,
+                    num_docs=int((tokens == SHARD_EOS).sum()))
     cmd = [sys.executable, str(ROOT / "pretrain" / "tinyllama.py"), "--config", "tiny", "--data", f"{data}:1",
            "--out", str(tmp_path / name), "--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "2",
-           "--num-workers", "0", "--wandb-mode", "disabled", "--no-save", "--log-every", "1", *extra]
+           "--num-workers", "0", "--wandb-mode", "disabled", "--no-save", "--log-every", "1", "--seed", "5", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return proc.stdout + proc.stderr, [float(__import__("json").loads(ln)["loss"]) for ln in lines]
 
 
-def test_pretraining_flag_prints_the_kernel_and_changes_the_loss(tmp_path):
+def per_document_loss(model, x, y, eos):
+    """Mean token loss of windows x -> y with every document (ending at `eos`) run alone
+    through plain causal attention: the reference, written without model/document_mask.py."""
+    total, count = 0.0, 0
+    for row_x, row_y in zip(x, y):
+        ends = [i + 1 for i, t in enumerate(row_x.tolist()) if t == eos]
+        bounds = [0] + [e for e in ends if e < len(row_x)] + [len(row_x)]
+        for a, b in zip(bounds, bounds[1:]):
+            logits = model(row_x[None, a:b])[0]
+            total += F.cross_entropy(logits.float(), row_y[a:b], reduction="sum").item()
+            count += b - a
+    return total / count
+
+
+def test_pretraining_flag_prints_the_kernel_and_computes_the_loss_of_documents_alone(tmp_path):
+    """Step 1's logged loss (the initial weights of --seed 5 on the first global batch) equals
+    the loss of each document of those windows run alone, split at the shards' EOS id."""
+    from pretrain.data import MixtureSampler, SourceSpec
+
     log, masked = _pretrain(tmp_path, "masked", "--document-mask")
-    assert "attention within documents (EOS id 2): kernel sdpa-mask" in log
+    assert f"attention within documents (EOS id {SHARD_EOS}): kernel sdpa-mask" in log
     _, plain = _pretrain(tmp_path, "plain")
     assert len(masked) == len(plain) == 3
+    model = Llama(Config.from_name("tiny"), kernels="torch")
+    model.init_weights(seed=5)  # the engine's init: the weights depend on the seed only
+    x, y = MixtureSampler([SourceSpec(tmp_path / "data", 1.0)], 128, 5, 512).batch(range(4))
+    with torch.no_grad():
+        expected = per_document_loss(model, x, y, SHARD_EOS)
+        causal = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert abs(causal - expected) > 1e-3  # the windows hold several documents: the mask matters
+    assert masked[0] == pytest.approx(expected, abs=1e-5)
+    assert plain[0] == pytest.approx(causal, abs=1e-5)
     assert masked != plain  # same data and seed: only the attention differs

@@ -227,7 +227,25 @@ def test_setup_requires_the_torch_with_public_fully_shard():
 
 
 # ---- 10. activation checkpointing, --compile -----------------------------------------------
+def test_activation_checkpointing_recomputes_every_block_in_backward(tmp_path):
+    """setup_fabric(activation_checkpointing=True) on 2 ranks: each block's MLP runs once in the
+    forward and once more in backward (its recomputation), and the gradients are those of the
+    plain model here, on one process, where the MLP runs once."""
+    sharded = probe(tmp_path, "recompute", "--devices", 2, "--activation-checkpointing")
+    assert sharded["after_forward"] == [1, 1] and sharded["after_backward"] == [2, 2]
+    model = probe_reference()
+    from engine_probe import global_batch
+
+    rows = global_batch(0)[:2]
+    loss = model(rows[:, :-1], targets=rows[:, 1:])
+    loss.backward()
+    assert sharded["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sharded["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_activation_checkpointing_does_not_save_rng_state(monkeypatch):
+    # Nothing in a block is random, so the recomputation need not restore the RNG around it.
     import pretrain.parallel as parallel
 
     seen = {}

@@ -1,6 +1,7 @@
 """Bad input to finetune/sft.py and finetune/spin.py through the command line: each case
 is exit code 2 with a message naming the flag or file, and no checkpoint, state or
-half-written file left behind. (Runs the real scripts in subprocesses.)"""
+half-written file left behind. Refusals call the scripts' main(argv) in this process
+(conftest.run_main); the runs that train start the real scripts in subprocesses."""
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_main
+from finetune import sft, spin
 from model import Config, Llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +76,11 @@ def run(script: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+def refused(script: str, *args) -> subprocess.CompletedProcess:
+    """A run expected to be refused, as main(argv) in this process."""
+    return run_main({"sft.py": sft.main, "spin.py": spin.main}[script], *args)
+
+
 def assert_refused(result, *fragments):
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     for fragment in fragments:
@@ -112,7 +120,7 @@ BAD_FLAGS = {
 def test_bad_flags(ckpts, chat, tmp_path, script, case):
     flags, message = BAD_FLAGS[script, case]
     out = tmp_path / "out"
-    result = run(script, "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
+    result = refused(script, "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
     assert_refused(result, message)
     assert leftovers(out) == []
 
@@ -121,7 +129,7 @@ def test_bad_flags(ckpts, chat, tmp_path, script, case):
 def test_tokenizer_larger_than_the_vocabulary(ckpts, chat, tmp_path, script):
     out = tmp_path / "out"
     flags = SPIN_SMALL if script == "spin.py" else []
-    result = run(script, "--ckpt", ckpts["small_vocab"], "--data", chat, "--out", out, *flags)
+    result = refused(script, "--ckpt", ckpts["small_vocab"], "--data", chat, "--out", out, *flags)
     assert_refused(result, f"tokenizer {ckpts['small_vocab'] / 'tokenizer.model'} has 512 pieces",
                    "vocab_size is 300")
     assert leftovers(out) == []
@@ -134,7 +142,7 @@ def test_missing_files(ckpts, chat, tmp_path, script, missing):
     paths[missing] = tmp_path / f"no_such_{missing}"
     out = tmp_path / "out"
     flags = SPIN_SMALL if script == "spin.py" else []
-    result = run(script, "--ckpt", paths["ckpt"], "--data", paths["data"], "--out", out, *flags)
+    result = refused(script, "--ckpt", paths["ckpt"], "--data", paths["data"], "--out", out, *flags)
     assert_refused(result, str(paths[missing]))
     assert leftovers(out) == []
 
@@ -143,7 +151,7 @@ def test_spin_corrupt_state_json(ckpts, chat, tmp_path):
     out = tmp_path / "spin"
     out.mkdir()
     (out / "state.json").write_text('{"completed_iterations": ')
-    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *SPIN_SMALL)
+    result = refused("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *SPIN_SMALL)
     assert_refused(result, f"{out / 'state.json'}: not valid JSON")
     assert (out / "state.json").read_text() == '{"completed_iterations": '  # left for the user to look at
     assert not (out / "work").exists() and not (out / "iter1").exists()
@@ -157,7 +165,7 @@ def test_spin_with_no_pairs_to_train_on(ckpts, tmp_path):
                                                      {"role": "assistant", "content": ""}]}) + "\n"
                             for i in range(16)))
     out = tmp_path / "spin"
-    result = run("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *SPIN_SMALL)
+    result = refused("spin.py", "--ckpt", ckpts["eos"], "--data", chat, "--out", out, *SPIN_SMALL)
     assert_refused(result, f"{out / 'work' / 'iter0' / 'pairs.jsonl'}: no pairs to train on",
                    "see pairs_stats.json")
     stats = json.loads((out / "work" / "iter0" / "pairs_stats.json").read_text())
@@ -212,7 +220,7 @@ def test_spin_counts_generations_that_reach_max_new_tokens(ckpts, chat, tmp_path
 def test_spin_batch_sizes_that_do_not_divide(ckpts, chat, tmp_path):
     out = tmp_path / "spin"
     flags = [a if a != 8 else 10 for a in SPIN_SMALL]  # --gen-batch-size and --global-batch-size 10
-    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
+    result = refused("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags)
     assert_refused(result, "--global-batch-size 10 must be a multiple of --micro-batch-size 4 x 1 device(s)")
     assert not (out / "state.json").exists() and not (out / "iter1").exists()
     assert [p.name for p in out.rglob(".*")] == []

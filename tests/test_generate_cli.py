@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import load_script, require_module, run_main
 from finetune.generate import generate_batch
 from finetune.inference import TextStream
 from data_prep.tokenizer import Tokenizer
@@ -22,6 +23,11 @@ PROMPT = "print the loss"  # the tiny model continues it with "▁to": the space
 def run_generate(root, *args):
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=root, capture_output=True, text=True,
                           timeout=300)
+
+
+def refused(*args):
+    """scripts/generate.py's main(argv) in this process, for the runs that must exit 2."""
+    return run_main(load_script("generate").main, *args)
 
 
 def ids_after(label: str, stderr: str) -> list[int]:
@@ -48,7 +54,7 @@ def write_training_checkpoint(consolidated, step_dir):
 
 @pytest.mark.parametrize("fmt", ["sft", "hf", "pretrain_final", "pretrain_step", "pretrain_out"])
 def test_greedy_matches_transformers(fmt, tiny_checkpoints, tiny_tokenizer, tmp_path, request):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     ckpt = tiny_checkpoints.get(fmt)
     if fmt == "pretrain_final":  # a pretraining --out directory: the weights and tokenizer are in final/
         shutil.copytree(tiny_checkpoints["base"], tmp_path / "run" / "final")
@@ -81,36 +87,36 @@ def test_sampling_follows_the_seed(tiny_checkpoints, request):
     assert runs[0].stdout == runs[1].stdout != runs[2].stdout
 
 
-def test_missing_tokenizer_is_exit_2(tiny_checkpoints, tmp_path, request):
+def test_missing_tokenizer_is_exit_2(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["base"], tmp_path / "ckpt", ignore=shutil.ignore_patterns("tokenizer.model"))
-    result = run_generate(request.config.rootpath, "--ckpt", tmp_path / "ckpt", "--prompt", "x")
+    result = refused("--ckpt", tmp_path / "ckpt", "--prompt", "x")
     assert result.returncode == 2
     assert "tokenizer.model does not exist" in result.stderr and "--tokenizer" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_mismatched_tokenizer_is_exit_2(tiny_tokenizer, tmp_path, request):
+def test_mismatched_tokenizer_is_exit_2(tiny_tokenizer, tmp_path):
     from model import Config, Llama
 
     Llama(Config.from_name("tiny", vocab_size=256), kernels="torch").save(tmp_path / "small_vocab")
-    result = run_generate(request.config.rootpath, "--ckpt", tmp_path / "small_vocab", "--tokenizer",
+    result = refused("--ckpt", tmp_path / "small_vocab", "--tokenizer",
                           tiny_tokenizer, "--prompt", "x")
     assert result.returncode == 2
     assert "has 512 pieces but the model's vocab_size is 256" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_hf_config_with_other_special_ids_is_exit_2(tiny_checkpoints, tmp_path, request):
+def test_hf_config_with_other_special_ids_is_exit_2(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["hf"], tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "eos_token_id": 7}))
-    result = run_generate(request.config.rootpath, "--ckpt", tmp_path / "hf", "--prompt", "x")
+    result = refused("--ckpt", tmp_path / "hf", "--prompt", "x")
     assert result.returncode == 2
     assert "eos_token_id is 7 but tokenizer" in result.stderr
 
 
-def test_prompt_longer_than_context_is_exit_2(tiny_checkpoints, request):
-    result = run_generate(request.config.rootpath, "--ckpt", tiny_checkpoints["sft"],
+def test_prompt_longer_than_context_is_exit_2(tiny_checkpoints):
+    result = refused("--ckpt", tiny_checkpoints["sft"],
                           "--prompt", "the model " * 200)
     assert result.returncode == 2 and "context is 128" in result.stderr
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import require_module
+from conftest import load_script, require_module, run_main
 
 transformers = require_module("transformers")  # the test extra installs it
 
@@ -79,10 +79,11 @@ def test_round_trip_export_import_is_exact(tmp_path, repo_root):
 def test_non_llama_directory_is_a_clear_error(tmp_path, repo_root):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    result = run_convert("import", "--hf", tmp_path / "gpt2", "--out", tmp_path / "x", cwd=repo_root)
-    assert result.returncode != 0
+    convert_hf = load_script("convert_hf").main
+    result = run_main(convert_hf, "import", "--hf", tmp_path / "gpt2", "--out", tmp_path / "x")
+    assert result.returncode == 2
     assert "not a Llama model" in result.stderr and "gpt2" in result.stderr
-    result = run_convert("import", "--hf", tmp_path / "missing", "--out", tmp_path / "x", cwd=repo_root)
+    result = run_main(convert_hf, "import", "--hf", tmp_path / "missing", "--out", tmp_path / "x")
     assert result.returncode == 2 and f"{tmp_path / 'missing'}: no such model directory" in result.stderr
 
 
@@ -186,7 +187,7 @@ def test_rope_scaling_is_refused_with_a_clear_message(tmp_path, repo_root, case)
     config.pop("rope_parameters", None)
     config.update(ROPE_SCALING[case])
     config_path.write_text(json.dumps(config))
-    result = run_convert("import", "--hf", tmp_path / "hf", "--out", tmp_path / "ours", cwd=repo_root)
+    result = run_main(load_script("convert_hf").main, "import", "--hf", tmp_path / "hf", "--out", tmp_path / "ours")
     assert result.returncode == 2, result.stderr
     field, kind = next(iter(ROPE_SCALING[case].items()))
     assert f"{config_path}: unsupported Llama variant: RoPE scaling {field}.rope_type=" \

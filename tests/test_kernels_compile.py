@@ -138,7 +138,11 @@ def report_registers() -> int:
 
 
 def test_no_kernel_spills_registers():
-    pytest.importorskip("triton")
+    from conftest import require_module
+
+    if not (platform.system() == "Linux" and platform.machine() == "x86_64"):
+        pytest.skip("triton has no wheels for this platform")
+    require_module("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, __file__, "--registers"], cwd=REPO, env=env, capture_output=True,

@@ -40,16 +40,29 @@ def spin_records():
              "rewards/generated": -0.05 * s} for it in range(2) for s in range(1, 11)]
 
 
-def _drawn_panels(paths):
-    """Panel titles plot_metrics draws for these files (its own PANELS table, applied)."""
-    records = [r for p in paths for r in pm.read_metrics(p, p.stem)]
-    return {panel for panel, series in pm.PANELS for r in records
-            for _, keys in series if any(k in r.values for k in keys)}
+def drawn_figure(monkeypatch) -> dict:
+    """Spies on Figure.savefig (which still writes the PNG): returns a dict that then holds, per
+    visible panel title, the (x, y) data of every curve drawn in it (in data coordinates, so
+    not the zero line of the margin panel), as matplotlib has it."""
+    from matplotlib.figure import Figure
+
+    drawn, save = {}, Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        for ax in fig.axes:
+            if ax.get_visible():
+                curves = [line for line in ax.get_lines() if line.get_transform() != ax.get_yaxis_transform()]
+                drawn[ax.get_title()] = [(list(line.get_xdata()), list(line.get_ydata())) for line in curves]
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return drawn
 
 
-def test_pretrain_and_spin_metrics_make_a_png(tmp_path):
+def test_pretrain_and_spin_metrics_make_a_png(tmp_path, monkeypatch):
     import matplotlib.image as mpimg
 
+    drawn = drawn_figure(monkeypatch)
     pre = write_jsonl(tmp_path / "pretrain.jsonl", pretrain_records(), extra_lines=["", "   "])
     spin = write_jsonl(tmp_path / "spin.jsonl", spin_records())
     out = pm.plot_metrics([pre, spin], tmp_path / "plots" / "m.png", title="quickstart")
@@ -59,11 +72,24 @@ def test_pretrain_and_spin_metrics_make_a_png(tmp_path):
     image = mpimg.imread(out)
     assert image.shape[0] > 500 and image.shape[1] > 500
     assert image[..., :3].std() > 0.05          # not a blank canvas
-    # Every metric group that has numbers gets a panel; MFU (all null) does not.
-    drawn = _drawn_panels([pre, spin])
-    assert "MFU" not in drawn
-    assert {"loss", "tokens / s", "learning rate", "reward margin (real - generated)",
-            "reward accuracy", "rewards"} <= drawn
+    # Written out here, not taken from the script's table: the six groups with numbers each get
+    # a visible panel with lines in it; MFU (all null) gets none.
+    assert set(drawn) == {"loss", "tokens / s", "learning rate", "reward margin (real - generated)",
+                          "reward accuracy", "rewards"}
+    assert all(drawn.values()), {title: len(lines) for title, lines in drawn.items()}
+    steps = [float(s) for s in range(1, 61)]
+    # 60 noisy points: drawn faint, with the moving average over them (two lines of 60 points)
+    assert (steps, [4e-4 * min(1, s / 10) for s in range(1, 61)]) in drawn["learning rate"]
+    assert [len(x) for x, _ in drawn["tokens / s"]] == [60, 60]
+    # loss: pretraining (raw + trend), its validation (3 markers), SPIN iterations 0 and 1 (10 each)
+    assert sorted(len(x) for x, _ in drawn["loss"]) == [3, 10, 10, 60, 60]
+    assert ([20.0, 40.0, 60.0], [9.0 / s ** 0.3 for s in (20, 40, 60)]) in drawn["loss"]
+    spin_steps = [float(s) for s in range(1, 11)]
+    accuracy = [min(1.0, 0.5 + 0.05 * s) for s in range(1, 11)]
+    assert drawn["reward accuracy"] == [(spin_steps, accuracy)] * 2      # one curve per iteration
+    assert sorted(ys for _, ys in drawn["rewards"]) == sorted(
+        [[0.05 * s for s in range(1, 11)]] * 2 + [[-0.05 * s for s in range(1, 11)]] * 2)
+    assert (spin_steps, [0.1 * s for s in range(1, 11)]) in drawn["reward margin (real - generated)"]
 
 
 def test_validation_and_iterations_are_read(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import run_main
 from data_prep.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ def test_profile_step_prints_table_and_writes_trace(tmp_path):
 
 
 def test_profile_step_must_be_positive(tmp_path):
-    proc = _run(tmp_path, "--profile-step", "0")
+    from pretrain import tinyllama
+
+    proc = run_main(tinyllama.main, "--config", "tiny", "--data", f"{tmp_path}:1", "--out", tmp_path / "out",
+                    "--profile-step", "0")
     assert proc.returncode == 2
     assert "--profile-step must be positive, got 0" in proc.stderr

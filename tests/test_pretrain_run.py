@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from conftest import fabric_run, run_main
 from data_prep.shards import write_shard
 from pretrain.data import MixtureSampler, SourceSpec
 
@@ -149,11 +149,12 @@ def test_exact_resume_ignoring_a_checkpoint_cut_off_mid_write(data, straight, tm
 @pytest.mark.slow
 def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
     out = tmp_path / "fsdp2"
-    fabric = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2"]
+    fabric = fabric_run("--accelerator", "cpu", "--devices", 2)
     # Activation checkpointing recomputes the same maths, so it rides along in this run.
     proc = run(base_args(data, out, "--activation-checkpointing"), tmp_path, launcher=fabric)
     assert "2 rank(s) x 2 micro-batch(es)" in proc.stdout
     assert "rank 0 holds 79,008 of 158,016 parameter elements" in proc.stdout  # really sharded
+    assert yaml.safe_load((out / "config.yaml").read_text())["resolved"]["activation_checkpointing"] == "2 of 2 blocks"
     state = out / "checkpoints" / "step-000030" / "state"
     assert (state / "__0_0.distcp").is_file() and (state / "__1_0.distcp").is_file()
 
@@ -173,33 +174,22 @@ def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
+def test_sigterm_saves_a_checkpoint_that_resumes(data, straight, tmp_path):
+    """SIGTERM after step 3 (the run signals itself there: no timer decides the step): a
+    checkpoint of step 3, exit 0, and `--resume auto` continues to the same per-step losses and
+    weights as the uninterrupted run."""
     out = tmp_path / "preempted"
-    args = base_args(data, out, "--debug-step-delay", "0.3", "--save-every", "1000")
-    args[args.index("--max-steps") + 1] = "500"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)] + args, env=env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_file = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "received a stop signal" in stdout
+    proc = run(base_args(data, out, "--debug-signal", "3:SIGTERM", "--save-every", "1000"), tmp_path)
+    assert "received a stop signal" in proc.stdout
     saved = sorted((out / "checkpoints").glob("step-*"))
-    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
-    step = int(saved[0].name.split("-")[1])
-    assert step >= 3 and not (out / "final").exists()
+    assert [p.name for p in saved] == ["step-000003"] and (saved[0] / "COMPLETE").is_file()
+    assert not (out / "final").exists() and sorted(losses(out)) == [1, 2, 3]
 
-    args = base_args(data, out, "--resume", "auto")
-    args[args.index("--max-steps") + 1] = str(step + 2)
-    resumed = run(args, tmp_path)
-    assert f"at step {step}" in resumed.stdout
-    assert sorted(losses(out)) == list(range(1, step + 3))
-    assert (out / "final" / "model.safetensors").is_file()
+    resumed = run(base_args(data, out, "--resume", "auto"), tmp_path)
+    assert "at step 3" in resumed.stdout
+    assert losses(out) == losses(straight)  # bit-identical per-step losses, steps 1..30
+    a, b = weights(straight / "final"), weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path):
@@ -219,7 +209,9 @@ def test_bad_input_gives_a_clear_error(data, tmp_path):
     big = tmp_path / "big"
     big.mkdir()
     write_shard(big / "shard-0000.bin", np.arange(100), vocab_size=1000, eos_id=2, num_docs=1)
-    proc = run(base_args(data, tmp_path / "out", "--data", f"{big}:1"), tmp_path, check=False)
+    from pretrain import tinyllama
+
+    proc = run_main(tinyllama.main, *base_args(data, tmp_path / "out", "--data", f"{big}:1"))
     assert proc.returncode == 2
     assert "shard-0000.bin" in proc.stderr and "--vocab-size 1000" in proc.stderr
 
@@ -287,28 +279,14 @@ def test_bf16_mixed_runs_on_cpu(data, tmp_path):
 
 @pytest.mark.slow
 def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """`python script.py --devices 2` (Fabric starts rank 1 itself); only rank 1 gets SIGUSR1,
+    after step 2, and both ranks stop there with one checkpoint of both shards."""
     out = tmp_path / "usr1"
-    args = base_args(data, out, "--debug-step-delay", "0.2", "--save-every", "1000", "--devices", "2",
-                     "--accelerator", "cpu")
-    args[args.index("--max-steps") + 1] = "500"
-    # `python script.py --devices 2`: Fabric starts rank 1 as a child of this process (rank 0).
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)] + args, env=env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics_file = out / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:  # wait for the run to report 2 steps
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.1)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    ranks = [int(pid) for pid in children if "tinyllama.py" in Path(f"/proc/{pid}/cmdline").read_text()]
-    assert len(ranks) == 1, children
-    os.kill(ranks[0], signal.SIGUSR1)  # only rank 1 is told
-    stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "received a stop signal" in stdout
+    proc = run(base_args(data, out, "--debug-signal", "2:SIGUSR1:1", "--save-every", "1000", "--devices", "2",
+                         "--accelerator", "cpu"), tmp_path)
+    assert "received a stop signal" in proc.stdout
     saved = sorted((out / "checkpoints").glob("step-*"))
-    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file(), stderr[-3000:]
+    assert [p.name for p in saved] == ["step-000002"] and (saved[0] / "COMPLETE").is_file(), proc.stderr[-3000:]
     state = saved[0] / "state"
     assert (state / "__0_0.distcp").is_file() and (state / "__1_0.distcp").is_file()  # both ranks saved
     assert not (out / "final").exists()

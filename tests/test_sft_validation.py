@@ -10,7 +10,7 @@ from finetune.chat import ChatEncoder, ChatTemplate, read_chat
 from finetune.sft import collate, n_targets, tokenize_rows
 from data_prep.tokenizer import load_tokenizer
 from model import Llama
-from test_finetune_cli_errors import chat, ckpts, run, write_chat  # noqa: F401  (the same tiny fixtures)
+from test_finetune_cli_errors import chat, ckpts, refused, run, write_chat  # noqa: F401  (the same tiny fixtures)
 
 
 def val_rows(metrics_file):
@@ -70,7 +70,7 @@ def test_val_loss_is_the_same_on_two_processes(ckpts, chat, held_out, tmp_path):
 
 
 def test_a_missing_val_file_is_refused(ckpts, chat, tmp_path):
-    result = run("sft.py", "--ckpt", ckpts["ok"], "--data", chat, "--val-data", tmp_path / "nope.jsonl",
+    result = refused("sft.py", "--ckpt", ckpts["ok"], "--data", chat, "--val-data", tmp_path / "nope.jsonl",
                  "--out", tmp_path / "sft", *SFT)
     assert result.returncode == 2
     assert "nope.jsonl" in result.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from test_finetune_ckpt_sources import pretrain_out  # noqa: F401  (fixture)
 from test_spin_e2e import chat_file, run_cli  # noqa: F401  (fixture)
 
@@ -171,8 +172,10 @@ def broken(tmp_path, tiny_tokenizer):
 
 
 def sft_error(ckpt: Path, chat_file: Path, tmp_path: Path) -> str:  # noqa: F811
-    r = run_cli("sft.py", "--ckpt", ckpt, "--data", chat_file, "--out", tmp_path / "out", "--max-steps", 1,
-                "--global-batch-size", 4, "--micro-batch-size", 4)
+    from finetune import sft
+
+    r = run_main(sft.main, "--ckpt", ckpt, "--data", chat_file, "--out", tmp_path / "out", "--max-steps", 1,
+                 "--global-batch-size", 4, "--micro-batch-size", 4)
     assert r.returncode == 2, r.stderr[-3000:]
     assert not (tmp_path / "out" / "final").exists()
     return r.stderr
@@ -235,10 +238,18 @@ def test_sft_from_an_hf_directory_on_two_processes_matches_one(tiny_checkpoints,
 
 
 def test_spin_from_a_training_checkpoint_on_two_processes_matches_one(pretrain_out, chat_file, tmp_path):  # noqa: F811
+    """Two optimizer steps of 4 pairs each: the first step's loss is log 2 on any data (policy ==
+    reference), so only the second step's loss and the trained weights show that each rank
+    trained on its own half of the global batch (ranks that all took rank 0's micro-batches
+    would see half the pairs, and differ from the one-process run)."""
     args = ("--ckpt", pretrain_out / "checkpoints" / "step-000002", "--data", chat_file, "--iterations", 1,
             "--num-prompts", 8, "--max-new-tokens", 8, "--max-prompt-len", 32, "--max-len", 64, "--temperature", 0,
-            "--global-batch-size", 8, "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-4, "--no-progress")
+            "--global-batch-size", 4, "--micro-batch-size", 1, "--epochs", 1, "--lr", 1e-3, "--no-progress")
     one, two = (finetune("spin.py", tmp_path / f"spin{n}", n, *args) for n in (1, 2))
-    first = [metric_rows(out, "loss")[0]["loss"] for out in (one, two)]
-    assert first[1] == pytest.approx(first[0], abs=1e-6)
-    assert (two / "iter1" / "model.safetensors").is_file()
+    rows = [metric_rows(out, "loss") for out in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 2
+    assert rows[0][1]["loss"] != pytest.approx(rows[0][0]["loss"], abs=1e-4)  # the second step saw trained weights
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"):
+        assert [r[key] for r in rows[1]] == pytest.approx([r[key] for r in rows[0]], abs=1e-5), key
+    a, b = (Llama.load(out / "iter1", kernels="torch").state_dict() for out in (one, two))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

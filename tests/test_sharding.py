@@ -7,8 +7,8 @@ only); the modes and world sizes differ only in float summation order, so losses
 """
 from __future__ import annotations
 
+import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import fabric_run, run_main
 from pretrain.parallel import mesh_shape
 from test_pretrain_run import base_args, env, learnable_corpus, losses, run
 
@@ -35,9 +36,7 @@ def args_for(data: Path, out: Path, *extra) -> list[str]:
 
 def on(devices: int) -> list[str] | None:
     """The launcher for `devices` CPU processes on one node (None: a plain `python` process)."""
-    # A free port each time: other test runs on the machine may hold the default 29500.
-    return None if devices == 1 else [FABRIC, "run", "--accelerator", "cpu", "--devices", str(devices),
-                                      "--main-port", str(free_port())]
+    return None if devices == 1 else fabric_run("--accelerator", "cpu", "--devices", devices)
 
 
 def assert_same_losses(expected: dict[int, float], got: dict[int, float], steps) -> None:
@@ -104,12 +103,6 @@ def test_a_checkpoint_resumes_in_another_mode_and_world_size(runs, data, tmp_pat
     assert_same_losses(losses(runs["fsdp"]), losses(out), range(4, STEPS + 1))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def readme_two_node_commands() -> list[list[str]]:
     """The two `fabric run --num-nodes 2` commands of the README, as argument lists."""
     text = (REPO / "README.md").read_text().replace("\\\n", " ")
@@ -121,9 +114,9 @@ def readme_two_node_commands() -> list[list[str]]:
 
 def test_two_node_launch_equals_one_node_with_two_processes(runs, data, tmp_path):
     """The README's two `fabric run` launchers (node ranks 0 and 1, one process each, loopback
-    address), with a free port and this test's tiny run, against the 1-node 2-process run."""
+    address), with this test's reserved port and this test's tiny run, against the 1-node 2-process run."""
     out = tmp_path / "two-nodes"
-    port = str(free_port())
+    port = os.environ["MASTER_PORT"]  # this test's reserved port (conftest.master_port)
     procs = []
     for node_rank, command in enumerate(readme_two_node_commands()):
         assert command[command.index("--node-rank") + 1] == str(node_rank)
@@ -159,7 +152,9 @@ def test_shard_size_is_checked():
 
 
 def test_shard_size_without_hsdp_is_bad_input(data, tmp_path):
-    proc = run(args_for(data, tmp_path / "out", "--sharding", "fsdp", "--shard-size", "2"), tmp_path, check=False)
+    from pretrain import tinyllama
+
+    proc = run_main(tinyllama.main, *args_for(data, tmp_path / "out", "--sharding", "fsdp", "--shard-size", "2"))
     assert proc.returncode == 2
     assert "--shard-size applies to --sharding hsdp only (got --sharding fsdp)" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -5,11 +5,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 from model import Config, Llama
 
@@ -60,8 +60,10 @@ def test_sft_writes_final_checkpoint_and_metrics(tiny_ckpt, chat_file, tmp_path)
 def test_sft_bad_data_is_a_clear_error(tiny_ckpt, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    r = run_cli("sft.py", "--ckpt", tiny_ckpt, "--data", bad, "--out", tmp_path / "o")
-    assert r.returncode != 0 and "bad.jsonl:1" in r.stderr and "assistant" in r.stderr
+    from finetune import sft
+
+    r = run_main(sft.main, "--ckpt", tiny_ckpt, "--data", bad, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "assistant" in r.stderr
 
 
 @pytest.mark.slow
@@ -70,21 +72,12 @@ def test_spin_two_iterations_survive_a_kill(tiny_ckpt, chat_file, tmp_path):
     args = ["--ckpt", tiny_ckpt, "--data", chat_file, "--out", out, "--iterations", 2, "--num-prompts", 48,
             "--max-new-tokens", 24, "--max-prompt-len", 32, "--max-len", 64, "--gen-batch-size", 1,
             "--global-batch-size", 8, "--micro-batch-size", 4, "--epochs", 1, "--lr", 1e-4, "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "finetune" / "spin.py"), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # killed mid-generation, at its 5th row (tests/spin_kill_probe.py): the merged file (stage done) not yet written
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "spin_kill_probe.py"), "5", *map(str, args)],
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     part = out / "work" / "iter0" / "generations.rank0.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if part.is_file() and part.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    written = part.read_text().count("\n") if part.is_file() else 0
-    # killed mid-generation: some rows written, the merged file (stage done) not yet
-    assert 3 <= written < 48 and not (out / "work" / "iter0" / "generations.jsonl").exists(), \
-        f"{written} rows when killed; the run's stderr:\n{stderr.decode(errors='replace')[-3000:]}"
+    assert part.read_text().count("\n") == 5 and not (out / "work" / "iter0" / "generations.jsonl").exists()
 
     r = run_cli("spin.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]

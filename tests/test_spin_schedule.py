@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from model import Llama
 from pretrain.schedule import lr_at
-from test_finetune_cli_errors import SPIN_SMALL, chat, ckpts, run  # noqa: F401  (the same tiny fixtures)
+from test_finetune_cli_errors import SPIN_SMALL, chat, ckpts, refused, run  # noqa: F401  (the same tiny fixtures)
 
 
 def flags(**changes):
@@ -52,8 +53,8 @@ def test_max_steps_does_not_shorten_the_decay(ckpts, chat, tmp_path):
 
 
 def test_epochs_beyond_the_schedule_are_refused(ckpts, chat, tmp_path):
-    result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "o",
-                 *flags(epochs=3, schedule_epochs=2))
+    result = refused("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "o",
+                     *flags(epochs=3, schedule_epochs=2))
     assert result.returncode == 2 and "--epochs 3 is beyond --schedule-epochs 2" in result.stderr
 
 
@@ -91,9 +92,13 @@ def test_activation_checkpointing_trains_the_same(ckpts, chat, tmp_path):
         result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", out, *flags(epochs=2), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = [r["loss"] for r in train_rows(out)]
+        recomputed = yaml.safe_load((out / "config.yaml").read_text())["resolved"]["activation_checkpointing"]
+        assert recomputed == ("2 of 2 blocks" if extra else "0 of 2 blocks"), name
     assert len(losses["plain"]) == 4
     assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-5)
     sft = run("sft.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", tmp_path / "sft", "--max-steps", 1,
               "--global-batch-size", 8, "--micro-batch-size", 4, "--activation-checkpointing")
     assert sft.returncode == 0, sft.stderr[-3000:]
-    assert "activation_checkpointing: true" in (tmp_path / "sft" / "config.yaml").read_text()
+    saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())
+    assert saved["options"]["activation_checkpointing"] is True
+    assert saved["resolved"]["activation_checkpointing"] == "2 of 2 blocks"  # what the model really does

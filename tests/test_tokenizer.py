@@ -7,11 +7,9 @@ import hashlib
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import MULTI_BYTE, REPO, require_module
+from conftest import MULTI_BYTE, load_script, require_module, run_main
 
 from data_prep.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 
@@ -120,9 +118,8 @@ def test_tokenizer_larger_than_the_embedding_is_refused(hf_tokenizers, tmp_path)
 
     Llama(Config.from_name("tiny"), kernels="torch").save(tmp_path / "ckpt")  # 512 rows
     for script, extra in (("generate.py", ["--prompt", "x"]), ("chat.py", [])):
-        r = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--ckpt", tmp_path / "ckpt", "--tokenizer",
-                            hf_tokenizers["chatml"] / "tokenizer.json", *extra],
-                           input="hi\n", capture_output=True, text=True, timeout=120)
+        r = run_main(load_script(script[:-3]).main, "--ckpt", tmp_path / "ckpt", "--tokenizer",
+                     hf_tokenizers["chatml"] / "tokenizer.json", *extra)
         assert r.returncode == 2 and "has 600 tokens but the model's vocab_size is 512" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
