@@ -104,6 +104,19 @@ def test_base_ckpt_options(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_rerun_may_extend_the_grids_but_not_change_the_study(tmp_path):
+    out = str(tmp_path / "o")
+    spin_experiment.check_same_study(spin_experiment.parse_args(["--out", out]))
+    # a pick on the grid's edge: the same OUT takes one more lr, β and seed (its finished jobs are reused)
+    spin_experiment.check_same_study(spin_experiment.parse_args(
+        ["--out", out, "--spin-lrs", "1e-5,3e-5,1e-4,3e-4", "--betas", "0.1,0.3,1,3,10", "--seeds", "0,1,2,3,4,5"]))
+    assert json.loads((tmp_path / "o" / "study_args.json").read_text())["betas"] == [0.1, 0.3, 1, 3, 10]
+    for flags, message in ((["--train-rows", "1500"], "--train-rows 2000 -> 1500"),
+                           (["--k", "2"], "--k 3 -> 2")):
+        with pytest.raises(SystemExit, match=message):
+            spin_experiment.check_same_study(spin_experiment.parse_args(["--out", out, *flags]))
+
+
 # --quick end to end --------------------------------------------------------------------------
 def run_quick(out: Path, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick",
