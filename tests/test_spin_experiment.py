@@ -58,7 +58,7 @@ def test_rows_have_one_format_and_known_wrong_answers():
     args = spin_experiment.parse_args(["--out", "unused"])
     rows = spin_experiment.make_rows(args)
     ids = [{r["prompt_id"] for r in rows[split]} for split in ("train", "val", "test")]
-    assert sum(map(len, ids)) == len(set().union(*ids)) == 2000 + 1000 + 1000
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 800 + 1000 + 1000
     assert len(ids[1]) >= 1000  # settings are chosen on at least 1,000 val rows
     for r in rows["train"][:200] + rows["test"][:200]:
         a, b = r["a"], r["b"]
@@ -75,7 +75,7 @@ def test_rows_have_one_format_and_known_wrong_answers():
 
 def test_defaults_match_arms_and_size_the_sweep():
     args = spin_experiment.parse_args(["--out", "unused"])
-    assert args.iteration_steps == 2000 // 32 and spin_experiment.total_steps(args) == 3 * 62
+    assert args.iteration_steps == 800 // 32 and spin_experiment.total_steps(args) == 3 * 25
     assert args.betas == [0.3, 1.0, 3.0, 10.0] and len(args.spin_lrs) == len(args.dpo_lrs) == 3
     assert args.seeds == [0, 1, 2, 3, 4] and args.temperature == 1.0
     assert args.max_new_tokens >= 14  # "99 plus 99 is 198." + EOS is 14 tokens with split digits
@@ -104,6 +104,19 @@ def test_base_ckpt_options(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_rerun_may_extend_the_grids_but_not_change_the_study(tmp_path):
+    out = str(tmp_path / "o")
+    spin_experiment.check_same_study(spin_experiment.parse_args(["--out", out]))
+    # a pick on the grid's edge: the same OUT takes one more lr, β and seed (its finished jobs are reused)
+    spin_experiment.check_same_study(spin_experiment.parse_args(
+        ["--out", out, "--spin-lrs", "1e-5,3e-5,1e-4,3e-4", "--betas", "0.1,0.3,1,3,10", "--seeds", "0,1,2,3,4,5"]))
+    assert json.loads((tmp_path / "o" / "study_args.json").read_text())["betas"] == [0.1, 0.3, 1, 3, 10]
+    for flags, message in ((["--train-rows", "1500"], "--train-rows 800 -> 1500"),
+                           (["--k", "2"], "--k 3 -> 2")):
+        with pytest.raises(SystemExit, match=message):
+            spin_experiment.check_same_study(spin_experiment.parse_args(["--out", out, *flags]))
+
+
 # --quick end to end --------------------------------------------------------------------------
 def run_quick(out: Path, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick",
@@ -122,11 +135,13 @@ def quick(tmp_path_factory):
 def test_quick_study_runs_every_stage(quick):
     out, stdout, results = quick
     args = results["args"]
-    # θ0's val log-likelihood per answer token is sft.py's own held-out loss after its last
-    # epoch (two implementations agree).
-    theta0_curve = [r["val_loss"] for r in map(json.loads, (out / "sft_theta0" / "metrics.jsonl").read_text().splitlines())
-                    if "val_loss" in r]
-    assert -results["theta0"]["val"]["ll_per_token"] == pytest.approx(theta0_curve[-1], rel=1e-5)
+    # θ0 (--theta0 plateau) is the scan's checkpoint at its lowest val loss: its val log-likelihood
+    # per answer token is sft.py's own held-out loss after that epoch (two implementations agree).
+    scan_metrics = (out / "sft_plateau_scan" / "metrics.jsonl").read_text().splitlines()
+    scan = [r["val_loss"] for r in map(json.loads, scan_metrics) if "val_loss" in r]
+    assert results["plateau"]["theta0"] == "plateau" and scan == results["plateau"]["val_loss"]
+    theta0_epoch = results["plateau"]["theta0_epoch"]
+    assert -results["theta0"]["val"]["ll_per_token"] == pytest.approx(scan[theta0_epoch], rel=1e-5)
     runs = results["runs"]
     # the sweep's cells at seed 0, then each arm's pick at every seed
     assert sorted((r["arm"], r["seed"]) for r in runs) == sorted((a, s) for a in ("dpo", "sft", "spin")
@@ -171,5 +186,5 @@ def test_a_rerun_reuses_finished_runs(quick):
     assert "(0 already done)" not in result.stdout and "3 runs (3 already done)" in result.stdout
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == first["runs"] and again["tests"] == first["tests"]
-    other = run_quick(out, "--theta0", "plateau")
-    assert other.returncode != 0 and "--theta0 annealed -> plateau" in other.stderr and "another --out" in other.stderr
+    other = run_quick(out, "--theta0", "annealed")
+    assert other.returncode != 0 and "--theta0 plateau -> annealed" in other.stderr and "another --out" in other.stderr
