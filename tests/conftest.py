@@ -58,7 +58,7 @@ def session_master_port():
 def master_port(session_master_port, monkeypatch):
     """Each test's own reserved port in MASTER_PORT, which Lightning's launcher (`python script.py
     --devices N`) and the probes read; `fabric run` gets it through fabric_run(). Another suite
-    on the machine holds other ports, none is 29400/29500, and a store an in-process run leaves
+    on the machine holds other ports, none is a fixed default, and a store an in-process run leaves
     listening keeps its port to itself."""
     with reserved_port() as port:
         monkeypatch.setenv("MASTER_PORT", str(port))
