@@ -175,18 +175,19 @@ def test_two_processes_fsdp_match_one_process(data, straight, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(data, straight, tmp_path):
-    """SIGTERM after step 3 (the run signals itself there: no timer decides the step): a
-    checkpoint of step 3, exit 0, and `--resume auto` continues to the same per-step losses and
-    weights as the uninterrupted run."""
+    """SIGTERM after step 3 (the run signals itself there: no timer decides the step). The stop
+    flag rides in the next step's all-reduced statistics (no collective of its own), so every
+    rank stops after step 4: a checkpoint of step 4, exit 0, and `--resume auto` continues to
+    the same per-step losses and weights as the uninterrupted run."""
     out = tmp_path / "preempted"
     proc = run(base_args(data, out, "--debug-signal", "3:SIGTERM", "--save-every", "1000"), tmp_path)
     assert "received a stop signal" in proc.stdout
     saved = sorted((out / "checkpoints").glob("step-*"))
-    assert [p.name for p in saved] == ["step-000003"] and (saved[0] / "COMPLETE").is_file()
-    assert not (out / "final").exists() and sorted(losses(out)) == [1, 2, 3]
+    assert [p.name for p in saved] == ["step-000004"] and (saved[0] / "COMPLETE").is_file()
+    assert not (out / "final").exists() and sorted(losses(out)) == [1, 2, 3, 4]
 
     resumed = run(base_args(data, out, "--resume", "auto"), tmp_path)
-    assert "at step 3" in resumed.stdout
+    assert "at step 4" in resumed.stdout
     assert losses(out) == losses(straight)  # bit-identical per-step losses, steps 1..30
     a, b = weights(straight / "final"), weights(out / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -280,13 +281,14 @@ def test_bf16_mixed_runs_on_cpu(data, tmp_path):
 @pytest.mark.slow
 def test_sigusr1_on_one_rank_stops_every_rank_with_a_checkpoint(data, tmp_path):
     """`python script.py --devices 2` (Fabric starts rank 1 itself); only rank 1 gets SIGUSR1,
-    after step 2, and both ranks stop there with one checkpoint of both shards."""
+    after step 2; its flag reaches rank 0 in step 3's all-reduced statistics, and both ranks stop
+    after step 3 with one checkpoint of both shards."""
     out = tmp_path / "usr1"
     proc = run(base_args(data, out, "--debug-signal", "2:SIGUSR1:1", "--save-every", "1000", "--devices", "2",
                          "--accelerator", "cpu"), tmp_path)
     assert "received a stop signal" in proc.stdout
     saved = sorted((out / "checkpoints").glob("step-*"))
-    assert [p.name for p in saved] == ["step-000002"] and (saved[0] / "COMPLETE").is_file(), proc.stderr[-3000:]
+    assert [p.name for p in saved] == ["step-000003"] and (saved[0] / "COMPLETE").is_file(), proc.stderr[-3000:]
     state = saved[0] / "state"
     assert (state / "__0_0.distcp").is_file() and (state / "__1_0.distcp").is_file()  # both ranks saved
     assert not (out / "final").exists()
