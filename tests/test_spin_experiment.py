@@ -3,6 +3,7 @@ sft.py and spin.py, the three held-out measures, the summary over seeds, the plo
 evaluation agrees with sft.py's own held-out loss, and a re-run reuses the finished runs."""
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -16,9 +17,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 import spin_experiment  # noqa: E402
 
 
+def study_env() -> dict:
+    """The study runs two trainings at a time: one MASTER_PORT (conftest's reserved port) for
+    both would collide, so each gets the free port Lightning picks for a run without one."""
+    return {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+
+
 def run_quick(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=study_env())
 
 
 @pytest.fixture(scope="module")
@@ -90,5 +97,5 @@ def test_a_rerun_reuses_finished_runs(quick):
     assert again["runs"] == first["runs"] and again["theta0"] == first["theta0"]
 
     other = subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick",
-                            "--theta0", "plateau"], capture_output=True, text=True, timeout=300)
+                            "--theta0", "plateau"], capture_output=True, text=True, timeout=300, env=study_env())
     assert other.returncode != 0 and "--theta0 annealed -> plateau" in other.stderr and "another --out" in other.stderr
