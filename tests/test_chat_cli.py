@@ -32,6 +32,7 @@ def prompts_and_answers(stderr: str) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, answers
 
 
+@pytest.mark.slow
 def test_two_turns_then_reset(tiny_checkpoints, tiny_tokenizer, request):
     tok = Tokenizer(tiny_tokenizer)
     encoder = ChatEncoder(tok, ChatTemplate())
@@ -52,6 +53,7 @@ def test_two_turns_then_reset(tiny_checkpoints, tiny_tokenizer, request):
     assert result.stdout.count("\n") >= 3 and "what does the model learn" not in result.stdout
 
 
+@pytest.mark.slow
 def test_oldest_turns_dropped_to_fit_the_context(tiny_checkpoints, tiny_tokenizer, request):
     tok = Tokenizer(tiny_tokenizer)
     encoder = ChatEncoder(tok, ChatTemplate())

@@ -58,6 +58,7 @@ def test_epochs_beyond_the_schedule_are_refused(ckpts, chat, tmp_path):
     assert result.returncode == 2 and "--epochs 3 is beyond --schedule-epochs 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, tmp_path):
     """Iteration 1's training blows up (lr 1e30: non-finite after its first update, stopped by
     --max-skipped-steps 1) and is re-run with a sane lr: its rows from the crashed attempt are
@@ -84,6 +85,7 @@ def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, t
     assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 2, "global_step": 12}
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_trains_the_same(ckpts, chat, tmp_path):
     """--activation-checkpointing (SFT and SPIN) recomputes blocks in backward: same losses."""
     losses = {}
