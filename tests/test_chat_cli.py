@@ -32,6 +32,7 @@ def prompts_and_answers(stderr: str) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, answers
 
 
+@pytest.mark.slow
 def test_two_turns_then_reset(tiny_checkpoints, tiny_tokenizer, request):
     tok = Tokenizer(tiny_tokenizer)
     encoder = ChatEncoder(tok, ChatTemplate())
@@ -52,6 +53,7 @@ def test_two_turns_then_reset(tiny_checkpoints, tiny_tokenizer, request):
     assert result.stdout.count("\n") >= 3 and "what does the model learn" not in result.stdout
 
 
+@pytest.mark.slow
 def test_oldest_turns_dropped_to_fit_the_context(tiny_checkpoints, tiny_tokenizer, request):
     tok = Tokenizer(tiny_tokenizer)
     encoder = ChatEncoder(tok, ChatTemplate())
@@ -178,3 +180,35 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_checkpoints, monkeypa
     tok = Tokenizer(tiny_checkpoints["sft"] / "tokenizer.model")
     encoder = ChatEncoder(tok, ChatTemplate())
     assert prompts[1] == encoder.conversation_ids([("first question", tok.decode(answers[0]))], "second question")
+
+
+def chat_answers(ckpt, stdin: str, *flags) -> list[list[int]]:
+    """The answer ids of scripts/chat.py run in this process on `stdin` (one message a line)."""
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            assert load_script("chat").main(["--ckpt", str(ckpt), "--max-new-tokens", "12", "--verbose",
+                                             *map(str, flags)]) == 0
+        finally:
+            sys.stdin = saved
+    return prompts_and_answers(err.getvalue())[1]
+
+
+def test_quit_and_end_of_input_leave_the_chat(tiny_checkpoints):
+    """README: `/quit` or Ctrl-D (the end of stdin) leaves; nothing after /quit is answered."""
+    ckpt = tiny_checkpoints["sft"]
+    assert len(chat_answers(ckpt, "first question\n/quit\nsecond question\n", "--temperature", 0)) == 1
+    assert len(chat_answers(ckpt, "first question\nsecond question", "--temperature", 0)) == 2  # EOF, no newline
+
+
+def test_seed_and_top_p_set_the_sampling(tiny_checkpoints):
+    """README: `--temperature`, `--top-p` and `--seed` set the sampling. The same seed gives the same
+    answers, another seed other ones; a top-p so small that only the likeliest token is kept is
+    greedy decoding, whatever the temperature."""
+    ckpt, two = tiny_checkpoints["sft"], "first question\nsecond question\n"
+    sampled = [chat_answers(ckpt, two, "--temperature", 1.5, "--seed", seed) for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    greedy = chat_answers(ckpt, two, "--temperature", 0)
+    assert chat_answers(ckpt, two, "--temperature", 1.5, "--top-p", 1e-6, "--seed", 3) == greedy != sampled[0]

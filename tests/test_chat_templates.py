@@ -173,6 +173,7 @@ def test_export_carries_tokenizer_json_files(templates, tmp_path):
         assert transformers_ids(hf, tok, messages(None, [], prompt), True) == encoder.prompt_ids(prompt, 512)
 
 
+@pytest.mark.slow
 def test_chat_system_message(templates, tmp_path):
     transformers = require_module("transformers")
     ckpt = hf_model_dir(tmp_path / "ckpt", templates["chatml"])

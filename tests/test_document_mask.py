@@ -144,6 +144,7 @@ def per_document_loss(model, x, y, eos):
     return total / count
 
 
+@pytest.mark.slow
 def test_pretraining_flag_prints_the_kernel_and_computes_the_loss_of_documents_alone(tmp_path):
     """Step 1's logged loss (the initial weights of --seed 5 on the first global batch) equals
     the loss of each document of those windows run alone, split at the shards' EOS id."""

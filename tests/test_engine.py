@@ -46,6 +46,7 @@ def probe_reference(*, seed: int = 0) -> Llama:
 
 
 # ---- 2. gradient accumulation without per-micro-batch sync ------------------------------------
+@pytest.mark.slow
 def test_accumulation_reduce_scatters_once_per_step_with_the_same_losses(tmp_path):
     synced = probe(tmp_path, "accumulation", "--devices", 2, "--micro-batch-size", 1, "--sync-every-micro-batch")
     two = probe(tmp_path, "accumulation", "--devices", 2, "--micro-batch-size", 2)
@@ -62,6 +63,7 @@ def test_accumulation_reduce_scatters_once_per_step_with_the_same_losses(tmp_pat
 
 
 # ---- 3. the clipped gradient norm over DTensors --------------------------------------------
+@pytest.mark.slow
 def test_clip_norm_over_shards_equals_single_process_reference(tmp_path):
     max_norm = 0.5
     sharded = probe(tmp_path, "clip", "--devices", 2, "--max-norm", max_norm)
@@ -78,6 +80,7 @@ def test_clip_norm_over_shards_equals_single_process_reference(tmp_path):
         torch.testing.assert_close(sharded["grads"][name], p.grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_clip_norm_with_sharded_and_plain_gradients_mixed(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from engine_probe import mixed_input, mixed_model
@@ -104,6 +107,7 @@ def test_clip_norm_of_plain_gradients():
 
 
 # ---- 5. --seed reaches the weights of a meta-device build ---------------------------------
+@pytest.mark.slow
 def test_seed_gives_the_same_weights_on_one_and_two_processes(tmp_path):
     one = probe(tmp_path, "init", "--devices", 1, "--seed", 7)["weights"]
     two = probe(tmp_path, "init", "--devices", 2, "--seed", 7)["weights"]
@@ -227,6 +231,7 @@ def test_setup_requires_the_torch_with_public_fully_shard():
 
 
 # ---- 10. activation checkpointing, --compile -----------------------------------------------
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_every_block_in_backward(tmp_path):
     """setup_fabric(activation_checkpointing=True) on 2 ranks: each block's MLP runs once in the
     forward and once more in backward (its recomputation), and the gradients are those of the

@@ -48,6 +48,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 # ---- defect 1: `fabric run` for SFT and SPIN -------------------------------------------------
+@pytest.mark.slow
 def test_sft_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
     out = tmp_path / "sft"
     proc = run([*fabric_run("--accelerator", "cpu", "--devices", 2), REPO / "finetune" / "sft.py", "--ckpt", tiny_ckpt,
@@ -62,6 +63,7 @@ def test_sft_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
     assert resolved["sharding"].startswith("hsdp (FSDP2, replicate 2 x shard 1)")
 
 
+@pytest.mark.slow
 def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_file, tmp_path):
     """Under `fabric run` each rank generates its share and trains on its half of each global batch:
     the two steps (4 pairs each; the first one's loss is log 2 on any data) and the trained weights
@@ -88,6 +90,7 @@ def test_one_spin_iteration_under_fabric_run_on_two_processes(tiny_ckpt, chat_fi
 
 
 # ---- defect 10: --compile on CPU, graph breaks reported; config.yaml and --run-config --------
+@pytest.mark.slow
 def test_compile_runs_the_tiny_config_and_reports_graph_breaks(shards, tmp_path):
     out = tmp_path / "compiled"
     run([sys.executable, REPO / "pretrain" / "tinyllama.py", "--config", "tiny", "--data", f"{shards}:1",
@@ -102,6 +105,7 @@ def test_compile_runs_the_tiny_config_and_reports_graph_breaks(shards, tmp_path)
     assert not (out / "checkpoints").exists() and not (out / "final").exists()  # --no-save
 
 
+@pytest.mark.slow
 def test_run_config_restarts_the_same_run(shards, tmp_path):
     out = tmp_path / "first"
     args = ["--config", "tiny", "--data", f"{shards}:1", "--out", out, "--max-steps", 4, "--global-batch-size", 2,

@@ -40,6 +40,7 @@ def first_sft_loss(ckpt, chat_file, out) -> float:
                 if "loss" in json.loads(line))
 
 
+@pytest.mark.slow
 def test_sft_reads_hf_and_consolidated_alike(tiny_checkpoints, chat_file, tmp_path):  # noqa: F811
     # "base" and "hf" are one model saved in our format and exported to HF's.
     ours = first_sft_loss(tiny_checkpoints["base"], chat_file, tmp_path / "ours")
@@ -47,6 +48,7 @@ def test_sft_reads_hf_and_consolidated_alike(tiny_checkpoints, chat_file, tmp_pa
     assert hf == pytest.approx(ours, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sft_reads_a_pretraining_checkpoint_and_output_directory(pretrain_out, chat_file, tmp_path):  # noqa: F811
     from_final = first_sft_loss(pretrain_out / "final", chat_file, tmp_path / "final")
     from_step = first_sft_loss(pretrain_out / "checkpoints" / "step-000002", chat_file, tmp_path / "step")

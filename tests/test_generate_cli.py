@@ -79,6 +79,7 @@ def test_greedy_matches_transformers(fmt, tiny_checkpoints, tiny_tokenizer, tmp_
     assert result.stdout == sp.decode(prompt_ids + expected) + "\n"
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_seed(tiny_checkpoints, request):
     runs = [run_generate(request.config.rootpath, "--ckpt", tiny_checkpoints["sft"], "--prompt", PROMPT,
                          "--temperature", 1.0, "--top-p", 0.9, "--seed", seed, "--max-new-tokens", 16)

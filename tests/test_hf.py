@@ -65,6 +65,7 @@ def test_import_random_hf_llama_matches_logits(tmp_path, repo_root):
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_round_trip_export_import_is_exact(tmp_path, repo_root):
     model = Llama(Config.from_name("tiny"), kernels="torch").to(torch.bfloat16)
     model.save(tmp_path / "a")

@@ -147,6 +147,7 @@ def assert_carries_zephyr(directory: Path) -> None:
     assert tokens["eos_token"] == "</s>" and tokens["bos_token"] == "<s>"
 
 
+@pytest.mark.slow
 def test_sft_and_spin_train_and_generate_with_the_hf_template(tiny_tokenizer, chat_file, tmp_path):  # noqa: F811
     transformers = require_module("transformers")
     start = hf_dir(tmp_path / "zephyr", tiny_tokenizer, ZEPHYR, model=True)

@@ -9,6 +9,7 @@ gradients into +-lr jumps), while SGD's update is the gradient itself, so the fi
 weights are compared too."""
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on the CPU interpreter (set before triton is imported).
@@ -41,6 +42,7 @@ def _train(backend: str, state: dict, batches) -> tuple[list[float], dict]:
     return losses, model.state_dict()
 
 
+@pytest.mark.slow
 def test_tiny_model_trains_identically_with_triton_and_torch_kernels():
     config = Config.from_name("tiny")
     torch.manual_seed(0)

@@ -216,6 +216,7 @@ print(source.num_shards, source.num_windows, most_open)
 """
 
 
+@pytest.mark.slow
 def test_two_thousand_shards_under_ulimit_256(tmp_path):
     shard_tokens = 40  # a window of 17 spans up to two shards
     write_stream(tmp_path / "many", [shard_tokens] * 2000)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import run_main
 from data_prep.shards import write_shard
@@ -24,6 +25,7 @@ def _run(tmp_path, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_profile_step_prints_table_and_writes_trace(tmp_path):
     proc = _run(tmp_path, "--profile-step", "2")
     assert proc.returncode == 0, proc.stderr

@@ -94,6 +94,7 @@ def straight(data, tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_outputs_are_complete(straight, data):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
@@ -232,6 +233,7 @@ def test_finite_loss_with_infinite_gradient_norm_is_skipped(data, tmp_path):
     assert rows[4]["skipped_steps"] == 1 and np.isfinite(rows[4]["loss"]) and np.isfinite(rows[4]["grad_norm"])
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_the_newest_checkpoints(data, tmp_path):
     out = tmp_path / "keep"
     run(short_args(data, out, 8, "--save-every", "2", "--keep-last", "2"), tmp_path)

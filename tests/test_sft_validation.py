@@ -55,6 +55,7 @@ def test_val_loss_per_epoch_is_the_saved_models_loss(ckpts, chat, held_out, tmp_
     assert logged[2]["val_loss"] < logged[0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_val_loss_is_the_same_on_two_processes(ckpts, chat, held_out, tmp_path):
     outs = {}
     for devices in (1, 2):

@@ -72,6 +72,7 @@ def check_parity(results: list[dict], expected: dict[str, torch.Tensor], world: 
 
 
 # ---- parity with the old full load, on 1 and 2 gloo processes -------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("source, devices, flags", [
     ("ours", 2, ("--sharding", "fsdp")),
     ("ours", 1, ()),
@@ -87,6 +88,7 @@ def test_the_sharded_load_gives_the_old_loads_shards(sources, tmp_path, source, 
         assert sum(r["local_numel"] for r in results) == sum(t.numel() for t in reference(sources[source]).values())
 
 
+@pytest.mark.slow
 def test_a_bf16_hf_export_is_read_into_fp32_master_weights(sources, tmp_path):
     # The old load kept the file's bf16 as the parameters' dtype; the values are the same.
     results = probe(tmp_path, "parity", sources["hf-bf16"], "--devices", 2, "--sharding", "fsdp")
@@ -96,6 +98,7 @@ def test_a_bf16_hf_export_is_read_into_fp32_master_weights(sources, tmp_path):
     assert set(results[0]["old_dtypes"].values()) == {torch.bfloat16}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, flags", [(2, ("--sharding", "fsdp", "--precision", "bf16-mixed")),
                                             (1, ("--sharding", "hsdp"))])
 def test_a_training_checkpoint_is_read_shard_by_shard(pretrain_out, tmp_path, devices, flags):  # noqa: F811
@@ -228,6 +231,7 @@ def finetune(script: str, out: Path, devices: int, *args):
     return out
 
 
+@pytest.mark.slow
 def test_sft_from_an_hf_directory_on_two_processes_matches_one(tiny_checkpoints, chat_file, tmp_path):  # noqa: F811
     args = ("--ckpt", tiny_checkpoints["hf"], "--data", chat_file, "--max-steps", 2, "--global-batch-size", 4,
             "--micro-batch-size", 2, "--lr", 1e-3)
@@ -237,6 +241,7 @@ def test_sft_from_an_hf_directory_on_two_processes_matches_one(tiny_checkpoints,
     assert all(b[k].dtype == torch.float32 and torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_spin_from_a_training_checkpoint_on_two_processes_matches_one(pretrain_out, chat_file, tmp_path):  # noqa: F811
     """Two optimizer steps of 4 pairs each: the first step's loss is log 2 on any data (policy ==
     reference), so only the second step's loss and the trained weights show that each rank

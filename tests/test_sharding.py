@@ -69,6 +69,7 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
+@pytest.mark.slow
 def test_the_three_modes_give_the_same_losses(runs):
     # Each mode really ran as asked: the mesh printed at start, stored in config.yaml, and
     # what rank 0 holds (half of the 158,016 elements when sharded over 2, all of them in ddp).
@@ -84,6 +85,7 @@ def test_the_three_modes_give_the_same_losses(runs):
         assert_same_losses(reference, losses(runs[mode]), range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_by, devices, resume_args", [
     ("fsdp", 2, ["--sharding", "ddp"]),                        # another mode, same world size
     ("hsdp", 1, []),                                           # 2 processes -> 1 (fsdp)
@@ -112,6 +114,7 @@ def readme_two_node_commands() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.slow
 def test_two_node_launch_equals_one_node_with_two_processes(runs, data, tmp_path):
     """The README's two `fabric run` launchers (node ranks 0 and 1, one process each, loopback
     address), with this test's reserved port and this test's tiny run, against the 1-node 2-process run."""
@@ -160,6 +163,7 @@ def test_shard_size_without_hsdp_is_bad_input(data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_shard_size_that_does_not_divide_the_world_is_an_error(data, tmp_path):
     proc = run(args_for(data, tmp_path / "out", "--shard-size", "3"), tmp_path, launcher=on(2), check=False)
     assert proc.returncode != 0

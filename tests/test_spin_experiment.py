@@ -3,6 +3,7 @@ paired tests against hand-computed values, the task's rows, the --base-ckpt opti
 --quick end to end (every stage through the product's sft.py and spin.py, the JSON and the
 table, the paired tests' counts against the per-row scores, a re-run reusing finished runs)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,11 @@ def test_a_rerun_may_extend_the_grids_but_not_change_the_study(tmp_path):
 
 # --quick end to end --------------------------------------------------------------------------
 def run_quick(out: Path, *extra) -> subprocess.CompletedProcess:
+    # The study runs two trainings at a time: one MASTER_PORT (conftest's reserved port) for both
+    # would collide, so each gets the free port Lightning picks for a run without one.
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "spin_experiment.py"), "--out", str(out), "--quick",
-                           *extra], capture_output=True, text=True, timeout=1200)
+                           *extra], capture_output=True, text=True, timeout=1200, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ def rewind(src, dst, keep):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_after", ["part of generation", "generation", "pairs", "reference log-probs"])
 def test_resume_after_each_stage_equals_the_uninterrupted_run(uninterrupted, tiny_ckpt, chat_file,  # noqa: F811
                                                               tmp_path, crash_after):

@@ -58,6 +58,7 @@ def test_epochs_beyond_the_schedule_are_refused(ckpts, chat, tmp_path):
     assert result.returncode == 2 and "--epochs 3 is beyond --schedule-epochs 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, tmp_path):
     """Iteration 1's training blows up (lr 1e30: non-finite after its first update, stopped by
     --max-skipped-steps 1) and is re-run with a sane lr: its rows from the crashed attempt are
@@ -84,6 +85,7 @@ def test_one_metrics_step_across_iterations_and_a_crashed_restart(ckpts, chat, t
     assert json.loads((out / "state.json").read_text()) == {"completed_iterations": 2, "global_step": 12}
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_trains_the_same(ckpts, chat, tmp_path):
     """--activation-checkpointing (SFT and SPIN) recomputes blocks in backward: same losses."""
     losses = {}
@@ -102,3 +104,21 @@ def test_activation_checkpointing_trains_the_same(ckpts, chat, tmp_path):
     saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())
     assert saved["options"]["activation_checkpointing"] is True
     assert saved["resolved"]["activation_checkpointing"] == "2 of 2 blocks"  # what the model really does
+
+
+@pytest.mark.slow
+def test_lr_later_from_the_drop_iteration_and_previous_pairs(ckpts, chat, tmp_path):
+    """docs/spin.md: iteration t trains at --lr before --lr-drop-iteration and at --lr-later from it
+    on, and from iteration 1 on the training data is this iteration's pairs plus the previous
+    iteration's unless --no-previous-pairs. 16 pairs an iteration, 8 per step, 1 epoch: iteration 1
+    takes 4 steps with the previous pairs and 2 without."""
+    runs = {}
+    for name, extra in (("both", []), ("own", ["--no-previous-pairs"])):
+        runs[name] = tmp_path / name
+        result = run("spin.py", "--ckpt", ckpts["ok"], "--data", chat, "--out", runs[name], *extra,
+                     *flags(iterations=2, lr=1e-3, lr_later=2e-4, lr_drop_iteration=1, warmup_ratio=0,
+                            lr_schedule="constant"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    for name, later_steps in (("both", 4), ("own", 2)):
+        rows = train_rows(runs[name])
+        assert [(r["iteration"], r["lr"]) for r in rows] == [(0, 1e-3)] * 2 + [(1, 2e-4)] * later_steps, name
